@@ -1,0 +1,1 @@
+"""miotts-stream: low-latency streaming speech service for MioTTS."""

@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: configs of the released codecs, timing, memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# The full-size configurations of the two released codecs ship with the tests' fixtures.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "miocodec" / "configs"
+FULL_CODEC_CONFIGS = {
+    "24kHz": CONFIG_DIR / "MioCodec-25Hz-24kHz.yaml",
+    "44.1kHz-v2": CONFIG_DIR / "MioCodec-25Hz-44.1kHz-v2.yaml",
+}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

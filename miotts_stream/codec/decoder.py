@@ -1,0 +1,250 @@
+"""`MioCodecDecoder`: the public face of the codec package.
+
+Loads a released MioCodec checkpoint (or builds one with random weights for demos, tests and
+benchmarks), validates inputs, picks device and precision, and decodes single utterances,
+batches of utterances, or (through `stream`) overlapping windows of a live token stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_decoder_model, resolve_checkpoint
+from .config import CodecConfig, load_config, parse_config
+from .layers import GroupStats
+from .model import MioCodecDecoderModel
+
+if TYPE_CHECKING:
+    from .streaming import StreamingOptions, TokenStreamDecoder
+
+logger = logging.getLogger(__name__)
+
+TOKEN_RATE_HZ = 25
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_token_tensor(tokens: object, codebook_size: int, what: str = "tokens") -> torch.Tensor:
+    """Validate token ids: a non-empty 1-D sequence of integers in [0, codebook_size)."""
+    if isinstance(tokens, torch.Tensor):
+        t = tokens.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(tokens))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{what}: expected a sequence of integer token ids ({err})") from err
+    if t.numel() == 0:
+        raise ValueError(f"{what}: no tokens to decode")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{what}: token ids must be integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(
+            f"{what}: expected a 1-D sequence of token ids, got shape {tuple(t.shape)}"
+        )
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or high >= codebook_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{what}: token id {bad} is outside 0..{codebook_size - 1}")
+    return t.long()
+
+
+def _as_embedding(embedding: object, dim: int, what: str = "global_embedding") -> torch.Tensor:
+    """Validate a speaker embedding: `dim` finite floats."""
+    try:
+        e = torch.as_tensor(
+            embedding.detach().cpu()
+            if isinstance(embedding, torch.Tensor)
+            else np.asarray(embedding)
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: expected {dim} floats ({err})") from err
+    if not (e.dtype.is_floating_point or e.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{what}: expected {dim} floats, got dtype {e.dtype}")
+    e = e.float().reshape(-1) if e.dim() == 2 and e.shape[0] == 1 else e.float()
+    if e.dim() != 1 or e.numel() != dim:
+        raise ValueError(f"{what}: expected {dim} floats, got shape {tuple(e.shape)}")
+    if not torch.isfinite(e).all():
+        raise ValueError(f"{what}: holds NaN or infinite values")
+    return e
+
+
+def init_random_weights(model: nn.Module, seed: int) -> None:
+    """Seeded, scale-preserving random weights: audible, non-degenerate output for demos.
+
+    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.05^2), norm gains ~ 1 + N(0, 0.05^2): the same
+    recipe as the shared test checkpoints, so statistics resemble a real decoder's layer to layer.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        with torch.no_grad():
+            noise = torch.randn(param.shape, generator=gen)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "weight" and param.dim() >= 2:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+            elif leaf == "weight":  # LayerNorm / GroupNorm gains
+                param.copy_(1.0 + 0.05 * noise)
+            else:  # biases, SnakeBeta log-parameters
+                param.copy_(0.05 * noise)
+
+
+class MioCodecDecoder:
+    """MioCodec's decoder: 25 Hz speech tokens + a speaker embedding -> waveform."""
+
+    def __init__(
+        self,
+        model: MioCodecDecoderModel,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        source: str = "",
+        random_weights: bool = False,
+    ):
+        self.device = torch.device(device) if device is not None else default_device()
+        # On CUDA, bf16 autocast as upstream; on CPU, float32 unless asked otherwise.
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype: unsupported compute dtype {dtype}")
+        self.compute_dtype = dtype
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.config: CodecConfig = model.cfg
+        self.source = source
+        self.random_weights = random_weights
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MioCodecDecoder:
+        """Load a checkpoint folder (config.yaml + model.safetensors) or a hub repo id."""
+        folder = resolve_checkpoint(path_or_repo_id)
+        _, model = load_decoder_model(folder)
+        return cls(model, device=device, dtype=dtype, source=str(path_or_repo_id))
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | Path | dict | CodecConfig,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> MioCodecDecoder:
+        """The real architecture with seeded random weights (demos, tests, benchmarks)."""
+        if isinstance(config, CodecConfig):
+            cfg = config
+        elif isinstance(config, dict):
+            cfg = parse_config(config)
+        else:
+            cfg = load_config(config)
+        model = MioCodecDecoderModel(cfg)
+        init_random_weights(model, seed)
+        origin = config if isinstance(config, (str, Path)) else "a config"
+        label = f"random weights (seed {seed}) from {origin}"
+        return cls(model, device=device, dtype=dtype, source=label, random_weights=True)
+
+    # ---- facts ------------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def samples_per_token(self) -> int:
+        return self.config.samples_per_token
+
+    @property
+    def token_rate(self) -> int:
+        return TOKEN_RATE_HZ
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.global_embedding_dim
+
+    def validate_tokens(self, tokens: object, what: str = "tokens") -> torch.Tensor:
+        return _as_token_tensor(tokens, self.codebook_size, what)
+
+    def validate_embedding(self, embedding: object, what: str = "global_embedding") -> torch.Tensor:
+        return _as_embedding(embedding, self.embedding_dim, what)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    @torch.inference_mode()
+    def run_batch(
+        self,
+        tokens: Sequence[torch.Tensor],
+        embeddings: Sequence[torch.Tensor] | torch.Tensor,
+        group_stats: GroupStats | None = None,
+    ) -> list[torch.Tensor]:
+        """One forward over already-validated inputs; float32 waveforms on the CPU."""
+        lengths = [int(t.numel()) for t in tokens]
+        padded = torch.zeros(len(tokens), max(lengths), dtype=torch.long)
+        for i, t in enumerate(tokens):
+            padded[i, : lengths[i]] = t
+        speaker = (
+            embeddings if isinstance(embeddings, torch.Tensor) else torch.stack(list(embeddings))
+        )
+        padded = padded.to(self.device, non_blocking=True)
+        speaker = speaker.to(self.device, dtype=torch.float32, non_blocking=True)
+        with self._autocast():
+            waves = self.model(padded, speaker, lengths, group_stats)
+        return [w.float().cpu() for w in waves]
+
+    def decode(self, tokens: object, global_embedding: object) -> torch.Tensor:
+        """Decode one utterance: samples_per_token * len(tokens) float32 samples (CPU)."""
+        t = self.validate_tokens(tokens)
+        e = self.validate_embedding(global_embedding)
+        return self.run_batch([t], [e])[0]
+
+    def decode_batch(
+        self, tokens: Sequence[object], global_embeddings: Sequence[object] | torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Decode several utterances (any lengths) in one forward; each equals `decode` alone."""
+        if len(tokens) == 0:
+            raise ValueError("tokens: empty batch")
+        if len(global_embeddings) != len(tokens):
+            raise ValueError(
+                f"global_embeddings: {len(global_embeddings)} embeddings "
+                f"for {len(tokens)} utterances"
+            )
+        ts = [self.validate_tokens(t, f"tokens[{i}]") for i, t in enumerate(tokens)]
+        es = [
+            self.validate_embedding(e, f"global_embeddings[{i}]")
+            for i, e in enumerate(global_embeddings)
+        ]
+        return self.run_batch(ts, es)
+
+    def stream(
+        self, global_embedding: object, options: StreamingOptions | None = None
+    ) -> TokenStreamDecoder:
+        """A per-utterance streaming decoder (see `miotts_stream.codec.streaming`)."""
+        from .streaming import TokenStreamDecoder
+
+        return TokenStreamDecoder(self, self.validate_embedding(global_embedding), options)
+
+    def describe(self) -> str:
+        weights = "RANDOM WEIGHTS (not a trained codec)" if self.random_weights else self.source
+        return (
+            f"MioCodec decoder {self.sample_rate} Hz, {self.samples_per_token} samples/token, "
+            f"{self.device} {str(self.compute_dtype).replace('torch.', '')}, {weights}"
+        )

@@ -1,0 +1,107 @@
+"""Speaker voices: 128-d MioCodec global embeddings, by preset name or from a file.
+
+Presets ship in `presets/` (see `presets/NOTICE.md`: not for commercial use). Files may be a bare
+torch tensor (`.pt`, as upstream saves presets), a NumPy array (`.npy`) or a safetensors file
+holding a single tensor (`.safetensors`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EMBEDDING_DIM = 128
+BUILTIN_PRESETS_DIR = Path(__file__).with_name("presets")
+VOICE_SUFFIXES = (".pt", ".npy", ".safetensors")
+
+
+def load_voice_file(path: str | Path, dim: int = EMBEDDING_DIM) -> torch.Tensor:
+    """Read one embedding file; ValueError naming the file and the problem."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pt":
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        elif suffix == ".npy":
+            value = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise ValueError(f"holds {len(tensors)} tensors, expected exactly one")
+            value = next(iter(tensors.values()))
+        else:
+            raise ValueError(f"unknown voice file type {suffix!r}; use one of {VOICE_SUFFIXES}")
+    except ValueError as err:
+        raise ValueError(f"voice file {path}: {err}") from err
+    except Exception as err:  # unreadable, corrupt, pickled objects refused by weights_only
+        raise ValueError(f"voice file {path}: cannot read it ({err})") from err
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"voice file {path}: holds a {type(value).__name__}, not a tensor")
+    value = (
+        value.detach().float().reshape(-1) if value.dim() == 2 and value.shape[0] == 1 else value
+    )
+    if value.dim() != 1 or value.numel() != dim:
+        raise ValueError(
+            f"voice file {path}: expected {dim} floats, got shape {tuple(value.shape)}"
+        )
+    if not torch.isfinite(value).all():
+        raise ValueError(f"voice file {path}: holds NaN or infinite values")
+    return value.float().contiguous()
+
+
+class VoiceLibrary:
+    """Named presets from one or more folders; later folders override earlier names."""
+
+    def __init__(self, folders: list[str | Path] | None = None, dim: int = EMBEDDING_DIM):
+        self.dim = dim
+        self._paths: dict[str, Path] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        for folder in [BUILTIN_PRESETS_DIR, *(folders or [])]:
+            self.add_folder(folder)
+
+    def add_folder(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"presets folder {folder} does not exist")
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in VOICE_SUFFIXES and path.is_file():
+                self._paths[path.stem] = path
+                self._cache.pop(path.stem, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._paths)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._paths
+
+    def get(self, name: str) -> torch.Tensor:
+        """The embedding of a preset; KeyError if there is no such preset."""
+        if name not in self._paths:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = load_voice_file(self._paths[name], self.dim)
+        return self._cache[name]
+
+    def resolve(self, name_or_path: str) -> torch.Tensor:
+        """A preset name, or a path to an embedding file."""
+        if name_or_path in self._paths:
+            return self.get(name_or_path)
+        path = Path(name_or_path)
+        if path.suffix.lower() in VOICE_SUFFIXES and path.is_file():
+            return load_voice_file(path, self.dim)
+        raise KeyError(name_or_path)
+
+
+def load_voice(name_or_path: str) -> torch.Tensor:
+    """A built-in preset by name (`en_female`, ...) or an embedding file by path."""
+    try:
+        return VoiceLibrary().resolve(name_or_path)
+    except KeyError:
+        raise ValueError(
+            f"voice: {name_or_path!r} is neither a preset ({', '.join(VoiceLibrary().names())}) "
+            "nor an embedding file"
+        ) from None

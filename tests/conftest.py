@@ -1,0 +1,40 @@
+"""Shared fixtures: the small MioCodec checkpoints copied from upstream test vectors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MIOCODEC = FIXTURES / "miocodec"
+TINY_CODECS = {"24khz": MIOCODEC / "tiny-24khz", "44khz": MIOCODEC / "tiny-44khz"}
+FULL_CONFIGS = {
+    "24khz": MIOCODEC / "configs" / "MioCodec-25Hz-24kHz.yaml",
+    "44khz": MIOCODEC / "configs" / "MioCodec-25Hz-44.1kHz-v2.yaml",
+}
+FULL_KEYS = {
+    "24khz": MIOCODEC / "keys-MioCodec-25Hz-24kHz.txt",
+    "44khz": MIOCODEC / "keys-MioCodec-25Hz-44.1kHz-v2.txt",
+}
+
+
+def load_vectors(name: str) -> dict[str, np.ndarray]:
+    with np.load(TINY_CODECS[name] / "vectors.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CODECS))
+def tiny_codec_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders():
+    from miotts_stream.codec import MioCodecDecoder
+
+    return {
+        name: MioCodecDecoder.from_pretrained(path, device="cpu")
+        for name, path in TINY_CODECS.items()
+    }
