@@ -26,8 +26,12 @@ def _measure(name: str, device: str, repeats: int, queue) -> None:
     params = sum(p.numel() for p in decoder.model.parameters())
     gen = torch.Generator().manual_seed(0)
     voice = torch.randn(128, generator=gen)
-    results = {"codec": name, "params_m": params / 1e6, "device": str(decoder.device),
-               "dtype": str(decoder.compute_dtype).replace("torch.", "")}
+    results = {
+        "codec": name,
+        "params_m": params / 1e6,
+        "device": str(decoder.device),
+        "dtype": str(decoder.compute_dtype).replace("torch.", ""),
+    }
     if decoder.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for seconds in (1, 10):
@@ -56,11 +60,22 @@ def main() -> None:
         result = queue.get()
         proc.join()
         rows.append(result)
-    print(f"MioCodec decode, full-size random weights, device={device}, "
-          f"threads={torch.get_num_threads()}, cpus={os.cpu_count()}, median of {args.repeats}")
+    print(
+        f"MioCodec decode, full-size random weights, device={device}, "
+        f"threads={torch.get_num_threads()}, cpus={os.cpu_count()}, median of {args.repeats}"
+    )
     headers = ["codec", "params(M)", "dtype", "RTF 1 s", "RTF 10 s", "peak RSS MiB"]
-    body = [[r["codec"], f"{r['params_m']:.1f}", r["dtype"], f"{r['rtf_1s']:.4f}",
-             f"{r['rtf_10s']:.4f}", f"{r['peak_rss_mib']:.0f}"] for r in rows]
+    body = [
+        [
+            r["codec"],
+            f"{r['params_m']:.1f}",
+            r["dtype"],
+            f"{r['rtf_1s']:.4f}",
+            f"{r['rtf_10s']:.4f}",
+            f"{r['peak_rss_mib']:.0f}",
+        ]
+        for r in rows
+    ]
     if any("peak_cuda_mib" in r for r in rows):
         headers.append("peak CUDA MiB")
         for line, r in zip(body, rows, strict=True):

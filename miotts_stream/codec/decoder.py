@@ -24,7 +24,7 @@ from .layers import GroupStats
 from .model import MioCodecDecoderModel
 
 if TYPE_CHECKING:
-    from .streaming import StreamingOptions, TokenStreamDecoder
+    from .streaming import PlaybackClock, StreamingOptions, TokenStreamDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +80,22 @@ def _as_embedding(embedding: object, dim: int, what: str = "global_embedding") -
 
 
 def init_random_weights(model: nn.Module, seed: int) -> None:
-    """Seeded, scale-preserving random weights: audible, non-degenerate output for demos.
+    """Seeded random weights with the statistics of the shared MioCodec test checkpoints.
 
-    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.05^2), norm gains ~ 1 + N(0, 0.05^2): the same
-    recipe as the shared test checkpoints, so statistics resemble a real decoder's layer to layer.
+    Those checkpoints (made with upstream's code) draw matrices ~ N(0, 1/fan_in), biases and the
+    transformer blocks' pre-norm gains ~ N(0, 0.05^2), and the other norm gains (GroupNorm, the
+    transformers' final LayerNorm) ~ 1 + N(0, 0.05^2). Small pre-norm gains keep each block's
+    residual update small, so the random decoder stays local in time, as a trained codec is.
     """
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
+        noise = torch.randn(param.shape, generator=gen)
         with torch.no_grad():
-            noise = torch.randn(param.shape, generator=gen)
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "weight" and param.dim() >= 2:
+            if param.dim() >= 2:
                 param.copy_(noise / math.sqrt(param[0].numel()))
-            elif leaf == "weight":  # LayerNorm / GroupNorm gains
+            elif name.endswith("norm.weight") and ".layers." not in name:
                 param.copy_(1.0 + 0.05 * noise)
-            else:  # biases, SnakeBeta log-parameters
+            else:
                 param.copy_(0.05 * noise)
 
 
@@ -195,12 +196,16 @@ class MioCodecDecoder:
         tokens: Sequence[torch.Tensor],
         embeddings: Sequence[torch.Tensor] | torch.Tensor,
         group_stats: GroupStats | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
-        """One forward over already-validated inputs; float32 waveforms on the CPU."""
-        lengths = [int(t.numel()) for t in tokens]
-        padded = torch.zeros(len(tokens), max(lengths), dtype=torch.long)
+        """One forward over already-validated inputs; float32 waveforms on the CPU.
+
+        `lengths` gives each item's real token count when `tokens` are already padded.
+        """
+        lengths = [int(t.numel()) for t in tokens] if lengths is None else list(lengths)
+        padded = torch.zeros(len(tokens), max(int(t.numel()) for t in tokens), dtype=torch.long)
         for i, t in enumerate(tokens):
-            padded[i, : lengths[i]] = t
+            padded[i, : t.numel()] = t
         speaker = (
             embeddings if isinstance(embeddings, torch.Tensor) else torch.stack(list(embeddings))
         )
@@ -235,12 +240,19 @@ class MioCodecDecoder:
         return self.run_batch(ts, es)
 
     def stream(
-        self, global_embedding: object, options: StreamingOptions | None = None
+        self,
+        global_embedding: object,
+        options: StreamingOptions | None = None,
+        clock: PlaybackClock | None = None,
     ) -> TokenStreamDecoder:
-        """A per-utterance streaming decoder (see `miotts_stream.codec.streaming`)."""
+        """A per-utterance streaming decoder (see `miotts_stream.codec.streaming`).
+
+        `clock` returns how many seconds of audio the client has buffered; with it, a chunk
+        waiting for right context goes out early when playback would otherwise run dry.
+        """
         from .streaming import TokenStreamDecoder
 
-        return TokenStreamDecoder(self, self.validate_embedding(global_embedding), options)
+        return TokenStreamDecoder(self, self.validate_embedding(global_embedding), options, clock)
 
     def describe(self) -> str:
         weights = "RANDOM WEIGHTS (not a trained codec)" if self.random_weights else self.source

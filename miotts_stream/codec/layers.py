@@ -19,10 +19,12 @@ from torch import nn
 
 from .config import TransformerConfig
 
-# A GroupNorm statistics provider: given the layer's index, its (B, C, T) input, the valid mask
-# and the layer's frames per token, returns the per-item, per-group (mean, var), each (B, G).
-# The default computes them over the valid frames; streaming decode substitutes its own.
-GroupStats = Callable[[int, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# A GroupNorm statistics provider: given the layer's index, its (B, C, T) input, the valid mask,
+# the layer's frames per token and its group count, returns the per-item, per-group (mean, var),
+# each (B, G). The default uses the valid frames; streaming decode substitutes its own.
+GroupStats = Callable[
+    [int, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def zero_invalid(x: torch.Tensor, valid: torch.Tensor, time_dim: int) -> torch.Tensor:
@@ -257,7 +259,7 @@ class GroupNorm(nn.GroupNorm):
         if stats is None:
             mean, var = masked_group_stats(x, valid, self.num_groups)
         else:
-            mean, var = stats(self.layer_index, x, valid, self.frames_per_token)
+            mean, var = stats(self.layer_index, x, valid, self.frames_per_token, self.num_groups)
         batch, channels, length = x.shape
         grouped = x.float().reshape(batch, self.num_groups, -1, length)
         inv_std = torch.rsqrt(var + self.eps)[..., None, None]

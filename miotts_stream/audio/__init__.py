@@ -1,0 +1,1 @@
+"""Audio out: fidelity measures, resampling and encoders (PCM, Opus, Ogg Opus, G.711)."""

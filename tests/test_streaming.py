@@ -1,0 +1,161 @@
+"""Streaming decode on full-size random decoders: latency, fidelity, seams, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
+from miotts_stream.codec import MioCodecDecoder, load_voice
+from miotts_stream.codec.streaming import StreamingOptions, decode_step
+
+from .conftest import FULL_CONFIGS
+
+TOKENS = 250
+
+
+@pytest.fixture(scope="module", params=sorted(FULL_CONFIGS))
+def full_decoder(request) -> MioCodecDecoder:
+    return MioCodecDecoder.from_config(FULL_CONFIGS[request.param], device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def utterance(full_decoder):
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, 12800, (TOKENS,), generator=gen)
+    voice = load_voice("en_female")
+    return tokens, voice, full_decoder.decode(tokens, voice)
+
+
+def test_first_audio_within_six_tokens(full_decoder, utterance):
+    tokens, voice, _ = utterance
+    stream = full_decoder.stream(voice)
+    for count in range(1, 7):
+        chunks = stream.push(tokens[count - 1 : count])
+        if chunks:
+            break
+    assert chunks, "no audio after 6 tokens"
+    assert count <= 6
+    assert stream.emitted_tokens >= 1
+    assert sum(c.numel() for c in chunks) == stream.emitted_tokens * full_decoder.samples_per_token
+
+
+def test_fast_regime_fidelity_length_and_seams(full_decoder, utterance):
+    tokens, voice, offline = utterance
+    stream = full_decoder.stream(voice)
+    chunks = stream.push(tokens) + stream.finish()
+    audio = torch.cat(chunks).numpy()
+    assert audio.shape == (full_decoder.samples_per_token * TOKENS,)
+    assert lsd_db(audio, offline.numpy(), full_decoder.sample_rate) <= 0.6
+    assert snr_db(audio, offline.numpy()) > 30
+    seams = list(np.cumsum([c.numel() for c in chunks])[:-1])
+    assert len(seams) >= 10
+    worst_seam, inner_p999 = seam_jumps(audio, seams)
+    assert worst_seam <= inner_p999
+
+
+def test_samples_are_placed_once_and_in_order(full_decoder, utterance):
+    """With context covering the whole utterance every window equals the offline decode, so
+    the stream must reproduce it sample for sample: nothing dropped, doubled or shifted."""
+    tokens, voice, offline = utterance
+    options = StreamingOptions(
+        left_context_tokens=TOKENS, lookahead_tokens=TOKENS, chunk_tokens=37, crossfade_ms=0
+    )
+    stream = full_decoder.stream(voice, options)
+    chunks = stream.push(tokens) + stream.finish()
+    assert len(chunks) == 1 + -(-(TOKENS - 4) // 37)
+    audio = torch.cat(chunks)
+    assert audio.shape == offline.shape
+    assert snr_db(audio.numpy(), offline.numpy()) > 60
+
+
+def test_cost_is_constant_along_the_utterance(full_decoder, monkeypatch):
+    """No prefix re-decoding: every window in the middle of a 64 s utterance has the same
+    length, so a chunk at the 60th second costs what one at the 2nd costs."""
+    windows = []
+    real_run_batch = full_decoder.run_batch
+
+    def recording_run_batch(tokens, embeddings, group_stats=None, lengths=None):
+        windows.append((len(tokens[0]), lengths[0]))
+        return real_run_batch(tokens, embeddings, group_stats, lengths)
+
+    monkeypatch.setattr(full_decoder, "run_batch", recording_run_batch)
+    stream = full_decoder.stream(torch.zeros(128))
+    audio = stream.push(torch.zeros(25 * 64, dtype=torch.long)) + stream.finish()
+    assert sum(c.numel() for c in audio) == 25 * 64 * full_decoder.samples_per_token
+    full = StreamingOptions().max_window_tokens
+    middle = windows[4:-3]  # from the first chunk with a full left context
+    assert len(middle) > 70
+    assert {real for _, real in middle} == {full}
+    assert len({padded for padded, _ in middle}) == 1  # one fixed (bucketed) shape
+
+
+def test_finish_without_tokens_and_push_after_finish(full_decoder):
+    stream = full_decoder.stream(torch.zeros(128))
+    assert stream.push([]) == []
+    assert stream.finish() == []
+    with pytest.raises(RuntimeError, match="push after finish"):
+        stream.push([1, 2, 3])
+
+
+def test_bad_tokens_and_options(full_decoder):
+    stream = full_decoder.stream(torch.zeros(128))
+    with pytest.raises(ValueError, match="token id 12800 is outside"):
+        stream.push([5, 12800])
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        full_decoder.stream(torch.zeros(128), StreamingOptions(chunk_tokens=0))
+    with pytest.raises(ValueError, match="global_embedding: expected 128 floats"):
+        full_decoder.stream(torch.zeros(3))
+
+
+def test_clock_forces_a_chunk_out_before_its_lookahead(full_decoder, utterance):
+    tokens, voice, _ = utterance
+    played = {"seconds": 0.0}
+
+    def buffered_seconds() -> float:  # the client's buffer: emitted minus played audio
+        return stream.emitted_samples / full_decoder.sample_rate - played["seconds"]
+
+    stream = full_decoder.stream(voice, clock=buffered_seconds)
+    assert stream.push(tokens[:6])  # first chunk: 4 tokens after 2 of lookahead
+    assert stream.emitted_tokens == 4
+    assert stream.push(tokens[6:40]) == []  # 160 ms buffered: wait for 32 tokens of lookahead
+    played["seconds"] = 0.12  # 40 ms left at the client: below the 150 ms margin
+    forced = stream.push([])
+    # Out goes one first-chunk's worth (4 tokens), keeping 32 tokens of right context.
+    assert len(forced) == 1 and stream.emitted_tokens == 8
+    assert forced[0].numel() == 4 * full_decoder.samples_per_token
+
+
+def test_batched_streams_equal_streams_decoded_alone(full_decoder):
+    """Three streams arriving at different rates, their ready windows decoded together."""
+    gen = torch.Generator().manual_seed(5)
+    utterances = [torch.randint(0, 12800, (n,), generator=gen) for n in (90, 41, 130)]
+    voices = [load_voice("en_female"), load_voice("jp_male"), torch.randn(128, generator=gen)]
+    pieces = [torch.split(tokens, 7 + 3 * i) for i, tokens in enumerate(utterances)]
+
+    alone = []
+    for stream_pieces, voice in zip(pieces, voices, strict=True):
+        stream = full_decoder.stream(voice)
+        chunks = [c for piece in stream_pieces for c in stream.push(piece)] + stream.finish()
+        alone.append(torch.cat(chunks))
+
+    streams = [full_decoder.stream(v) for v in voices]
+    outputs: list[list[torch.Tensor]] = [[] for _ in streams]
+    batch_sizes = []
+    for round_index in range(max(len(p) for p in pieces) + 1):
+        for stream, stream_pieces in zip(streams, pieces, strict=True):
+            if round_index < len(stream_pieces):
+                stream.push_tokens(stream_pieces[round_index])
+            else:
+                stream.mark_finished()
+        while produced := decode_step(full_decoder, streams):
+            batch_sizes.append(len(produced))
+            for i, chunk in produced.items():
+                outputs[i].append(chunk)
+    assert all(s.done for s in streams)
+    assert max(batch_sizes) == 3  # windows of different streams did share forwards
+    for solo, chunks in zip(alone, outputs, strict=True):
+        batched = torch.cat(chunks)
+        assert batched.shape == solo.shape
+        assert (batched - solo).abs().max() <= 1e-5
