@@ -235,7 +235,7 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
 def cost_by_position(decoder, voice, repeats=5) -> str:
     """Time of the chunk starting at second 2 and at second 60 of one long utterance."""
     gen = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, decoder.codebook_size, (25 * 62,), generator=gen)
+    tokens = torch.randint(0, decoder.codebook_size, (25 * 64,), generator=gen)
     cells = []
     for second in (2, 60):
         times = []

@@ -1,0 +1,215 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    PCM_S16LE: _ClassVar[Encoding]
+    PCM_F32LE: _ClassVar[Encoding]
+    OPUS: _ClassVar[Encoding]
+    OGG_OPUS: _ClassVar[Encoding]
+    MULAW: _ClassVar[Encoding]
+    ALAW: _ClassVar[Encoding]
+ENCODING_UNSPECIFIED: Encoding
+PCM_S16LE: Encoding
+PCM_F32LE: Encoding
+OPUS: Encoding
+OGG_OPUS: Encoding
+MULAW: Encoding
+ALAW: Encoding
+
+class StreamingSynthesizeRequest(_message.Message):
+    __slots__ = ("config", "text", "flush", "end_of_input", "cancel")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_FIELD_NUMBER: _ClassVar[int]
+    END_OF_INPUT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    config: SynthesisConfig
+    text: str
+    flush: Flush
+    end_of_input: EndOfInput
+    cancel: Cancel
+    def __init__(self, config: _Optional[_Union[SynthesisConfig, _Mapping]] = ..., text: _Optional[str] = ..., flush: _Optional[_Union[Flush, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+
+class Flush(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndOfInput(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SynthesizeRequest(_message.Message):
+    __slots__ = ("config", "text")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    config: SynthesisConfig
+    text: str
+    def __init__(self, config: _Optional[_Union[SynthesisConfig, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SynthesisConfig(_message.Message):
+    __slots__ = ("voice", "audio", "generation", "streaming", "language")
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    voice: Voice
+    audio: AudioFormat
+    generation: GenerationOptions
+    streaming: StreamingOptions
+    language: str
+    def __init__(self, voice: _Optional[_Union[Voice, _Mapping]] = ..., audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., streaming: _Optional[_Union[StreamingOptions, _Mapping]] = ..., language: _Optional[str] = ...) -> None: ...
+
+class Voice(_message.Message):
+    __slots__ = ("preset", "embedding")
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    preset: str
+    embedding: Embedding
+    def __init__(self, preset: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AudioFormat(_message.Message):
+    __slots__ = ("encoding", "sample_rate_hz")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    encoding: Encoding
+    sample_rate_hz: int
+    def __init__(self, encoding: _Optional[_Union[Encoding, str]] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
+
+class GenerationOptions(_message.Message):
+    __slots__ = ("temperature", "top_p", "repetition_penalty", "max_tokens", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    max_tokens: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class StreamingOptions(_message.Message):
+    __slots__ = ("first_chunk_tokens", "chunk_tokens", "lookahead_tokens", "left_context_tokens")
+    FIRST_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEFT_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    first_chunk_tokens: int
+    chunk_tokens: int
+    lookahead_tokens: int
+    left_context_tokens: int
+    def __init__(self, first_chunk_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., lookahead_tokens: _Optional[int] = ..., left_context_tokens: _Optional[int] = ...) -> None: ...
+
+class StreamingSynthesizeResponse(_message.Message):
+    __slots__ = ("audio", "segment", "summary")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    audio: AudioChunk
+    segment: SegmentEvent
+    summary: SynthesisSummary
+    def __init__(self, audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., segment: _Optional[_Union[SegmentEvent, _Mapping]] = ..., summary: _Optional[_Union[SynthesisSummary, _Mapping]] = ...) -> None: ...
+
+class AudioChunk(_message.Message):
+    __slots__ = ("data", "opus_packets", "start_sample", "num_samples", "segment_index", "sequence")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OPUS_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    opus_packets: _containers.RepeatedScalarFieldContainer[bytes]
+    start_sample: int
+    num_samples: int
+    segment_index: int
+    sequence: int
+    def __init__(self, data: _Optional[bytes] = ..., opus_packets: _Optional[_Iterable[bytes]] = ..., start_sample: _Optional[int] = ..., num_samples: _Optional[int] = ..., segment_index: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class SegmentEvent(_message.Message):
+    __slots__ = ("segment_index", "text", "kind", "audio_start_sample", "audio_end_sample")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[SegmentEvent.Kind]
+        STARTED: _ClassVar[SegmentEvent.Kind]
+        FINISHED: _ClassVar[SegmentEvent.Kind]
+    KIND_UNSPECIFIED: SegmentEvent.Kind
+    STARTED: SegmentEvent.Kind
+    FINISHED: SegmentEvent.Kind
+    SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_END_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    segment_index: int
+    text: str
+    kind: SegmentEvent.Kind
+    audio_start_sample: int
+    audio_end_sample: int
+    def __init__(self, segment_index: _Optional[int] = ..., text: _Optional[str] = ..., kind: _Optional[_Union[SegmentEvent.Kind, str]] = ..., audio_start_sample: _Optional[int] = ..., audio_end_sample: _Optional[int] = ...) -> None: ...
+
+class SynthesisSummary(_message.Message):
+    __slots__ = ("time_to_first_audio_ms", "audio_seconds", "generated_tokens", "dropped_tokens", "real_time_factor", "sample_rate_hz", "encoding", "random_weights")
+    TIME_TO_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REAL_TIME_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    time_to_first_audio_ms: float
+    audio_seconds: float
+    generated_tokens: int
+    dropped_tokens: int
+    real_time_factor: float
+    sample_rate_hz: int
+    encoding: Encoding
+    random_weights: bool
+    def __init__(self, time_to_first_audio_ms: _Optional[float] = ..., audio_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., dropped_tokens: _Optional[int] = ..., real_time_factor: _Optional[float] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., random_weights: _Optional[bool] = ...) -> None: ...
+
+class ListVoicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VoiceInfo(_message.Message):
+    __slots__ = ("name", "notice")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    notice: str
+    def __init__(self, name: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
+
+class ListVoicesResponse(_message.Message):
+    __slots__ = ("voices", "sample_rate_hz", "model", "codec", "random_weights")
+    VOICES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    voices: _containers.RepeatedCompositeFieldContainer[VoiceInfo]
+    sample_rate_hz: int
+    model: str
+    codec: str
+    random_weights: bool
+    def __init__(self, voices: _Optional[_Iterable[_Union[VoiceInfo, _Mapping]]] = ..., sample_rate_hz: _Optional[int] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ..., random_weights: _Optional[bool] = ...) -> None: ...
