@@ -327,17 +327,31 @@ def _fade_in(length: int) -> torch.Tensor:
 # ---- batching across streams ------------------------------------------------------------
 
 
-def decode_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -> list[torch.Tensor]:
-    """Decode windows of different streams in one forward and apply each to its stream.
+@dataclass
+class DecodedWindows:
+    """The result of one batched forward, to be applied to the windows' streams in order."""
+
+    windows: list[DecodeWindow]
+    waves: list[torch.Tensor]
+    norm_sums: dict[int, torch.Tensor]  # layer -> (B, 3, G) GroupNorm sums of each chunk
+
+    def apply(self) -> list[torch.Tensor]:
+        """Hand each window's output to its stream; returns the audio chunks, in order."""
+        return [
+            w.stream.apply(w, wave, {layer: sums[i] for layer, sums in self.norm_sums.items()})
+            for i, (w, wave) in enumerate(zip(self.windows, self.waves, strict=True))
+        ]
+
+
+def forward_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -> DecodedWindows:
+    """Decode windows of different streams in one forward, without touching stream state
+    (so it can run on a worker thread while the streams keep receiving tokens).
 
     At most one window per stream (a stream's next window needs this one's statistics).
     Windows are padded to a fixed bucket length, so shapes repeat from step to step.
-    Returns each window's audio chunk, in the order given.
     """
-    if not windows:
-        return []
     if len({id(w.stream) for w in windows}) != len(windows):
-        raise ValueError("decode_windows: at most one window per stream per step")
+        raise ValueError("forward_windows: at most one window per stream per step")
     bucket = windows[0].stream.options.window_bucket_tokens
     longest = max(w.length for w in windows)
     padded_length = bucket * math.ceil(longest / bucket)
@@ -359,10 +373,17 @@ def decode_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) ->
         group_stats=provider,
         lengths=[w.length for w in windows],
     )
-    return [
-        w.stream.apply(w, wave, {layer: sums[i] for layer, sums in provider.pending.items()})
-        for i, (w, wave) in enumerate(zip(windows, waves, strict=True))
-    ]
+    return DecodedWindows(list(windows), waves, provider.pending)
+
+
+def decode_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -> list[torch.Tensor]:
+    """Decode windows of different streams in one forward and apply each to its stream.
+
+    Returns each window's audio chunk, in the order given.
+    """
+    if not windows:
+        return []
+    return forward_windows(decoder, windows).apply()
 
 
 def decode_step(
