@@ -6,16 +6,12 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-# The full-size configurations of the two released codecs ship with the tests' fixtures.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "miocodec" / "configs"
-FULL_CODEC_CONFIGS = {
-    "24kHz": CONFIG_DIR / "MioCodec-25Hz-24kHz.yaml",
-    "44.1kHz-v2": CONFIG_DIR / "MioCodec-25Hz-44.1kHz-v2.yaml",
-}
+from miotts_stream.codec.decoder import RELEASED_CONFIGS
+
+FULL_CODEC_CONFIGS = {"24kHz": RELEASED_CONFIGS["24khz"], "44.1kHz-v2": RELEASED_CONFIGS["44khz"]}
 
 
 def peak_rss_mib() -> float:

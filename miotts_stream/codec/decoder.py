@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 
 TOKEN_RATE_HZ = 25
 
+# Configurations of the released codecs (upstream config/model/25hz_wave*.yaml), for building
+# full-size decoders with random weights: the service's built-in default, tests, benchmarks.
+RELEASED_CONFIGS = {
+    "24khz": Path(__file__).with_name("configs") / "MioCodec-25Hz-24kHz.yaml",
+    "44khz": Path(__file__).with_name("configs") / "MioCodec-25Hz-44.1kHz-v2.yaml",
+}
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

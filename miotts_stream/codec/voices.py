@@ -75,6 +75,9 @@ class VoiceLibrary:
     def names(self) -> list[str]:
         return sorted(self._paths)
 
+    def path(self, name: str) -> Path:
+        return self._paths[name]
+
     def __contains__(self, name: str) -> bool:
         return name in self._paths
 
