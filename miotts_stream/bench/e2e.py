@@ -1,0 +1,180 @@
+"""End to end, client side: the server on its built-in default, 1, 4 and 8 concurrent streams.
+
+    python -m miotts_stream.bench.e2e [--streams 1 4 8] [--seconds 10]
+
+Starts `server.py` (built-in default: small demo LLM + full-size 24 kHz codec, random weights)
+as a subprocess on loopback, then per concurrency level runs that many StreamingSynthesize calls
+at once, each about `--seconds` of audio (max_tokens = 25 per second; the demo model ends
+utterances on its own too), and measures on the client:
+  TTFA     from the last request message (end_of_input) to the first audio byte;
+  TTLB     from the last request message to the last audio byte;
+  ratio    TTFA / TTLB: how much sooner audio starts than when waiting for everything
+           (what request-response serving, as upstream does, would give);
+  gaps     between consecutive audio chunks;
+  underruns  chunks that arrive after their playback time, playback starting at the first chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+
+from .common import table
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while the sun sets slowly behind the hills, "
+    "and everyone agrees that it was a lovely evening."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_serving(address: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(1)
+    raise TimeoutError(f"server at {address} not serving after {timeout} s")
+
+
+async def one_stream(stub, seconds: float, seed: int) -> dict:
+    config = tts_pb2.SynthesisConfig(
+        generation=tts_pb2.GenerationOptions(seed=seed, max_tokens=int(25 * seconds))
+    )
+    sent = {}
+
+    async def requests():
+        yield tts_pb2.StreamingSynthesizeRequest(config=config)
+        yield tts_pb2.StreamingSynthesizeRequest(text=TEXT)
+        sent["last"] = time.perf_counter()
+        yield tts_pb2.StreamingSynthesizeRequest(end_of_input=tts_pb2.EndOfInput())
+
+    arrivals, rate = [], 24000
+    async for response in stub.StreamingSynthesize(requests()):
+        kind = response.WhichOneof("response")
+        if kind == "audio":
+            arrivals.append((time.perf_counter(), response.audio.num_samples))
+        elif kind == "summary":
+            rate = response.summary.sample_rate_hz
+    times = np.array([t for t, _ in arrivals])
+    samples = np.array([n for _, n in arrivals])
+    playback_due = times[0] + np.concatenate(([0], np.cumsum(samples)[:-1])) / rate
+    late = times - playback_due
+    return {
+        "ttfa": times[0] - sent["last"],
+        "ttlb": times[-1] - sent["last"],
+        "gaps": np.diff(times),
+        "underruns": int(np.sum(late > 0.001)),
+        "worst_late": float(late.max()),
+        "audio_s": samples.sum() / rate,
+    }
+
+
+async def run_level(address: str, streams: int, seconds: float) -> list:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = tts_pb2_grpc.TextToSpeechStub(channel)
+        return await asyncio.gather(*(one_stream(stub, seconds, i) for i in range(streams)))
+
+
+def summarize(streams: int, results: list[dict]) -> list:
+    ttfa = np.array([r["ttfa"] for r in results]) * 1000
+    ttlb = np.array([r["ttlb"] for r in results]) * 1000
+    gaps = np.concatenate([r["gaps"] for r in results]) * 1000
+    return [
+        streams,
+        f"{np.mean([r['audio_s'] for r in results]):.1f}",
+        f"{np.percentile(ttfa, 50):.0f}",
+        f"{np.percentile(ttfa, 95):.0f}",
+        f"{np.percentile(ttlb, 50):.0f}",
+        f"{np.median(ttfa / ttlb):.3f}",
+        f"{np.percentile(gaps, 50):.0f}",
+        f"{gaps.max():.0f}",
+        sum(r["underruns"] for r in results),
+        f"{max(r['worst_late'] for r in results) * 1000:.0f}",
+    ]
+
+
+async def main_async(args) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        str(ROOT / "server.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-metrics",
+        "--max-streams",
+        str(max(args.streams) + 2),
+    ]
+    server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy())
+    try:
+        await wait_serving(address, timeout=args.startup_timeout)
+        await run_level(address, 1, 2.0)  # warm-up
+        rows = []
+        for streams in args.streams:
+            rows.append(summarize(streams, await run_level(address, streams, args.seconds)))
+        print(
+            f"\nend to end, built-in default (random weights), {os.cpu_count()} CPUs, "
+            f"~{args.seconds:.0f} s per utterance, PCM 24 kHz"
+        )
+        print(
+            table(
+                [
+                    "streams",
+                    "audio s",
+                    "TTFA p50 ms",
+                    "TTFA p95 ms",
+                    "TTLB p50 ms",
+                    "TTFA/TTLB",
+                    "gap p50 ms",
+                    "gap max ms",
+                    "underruns",
+                    "worst late ms",
+                ],
+                rows,
+            )
+        )
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="*", default=[1, 4, 8])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

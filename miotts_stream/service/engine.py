@@ -1,0 +1,399 @@
+"""The speech engine: text segments -> speech tokens -> streamed, encoded audio.
+
+Transport-agnostic (the gRPC layer in `servicer.py` is one client of it). A `SynthesisSession`
+is one conversation turn: text goes in piece by piece, events come out in order:
+
+    SegmentStarted, AudioOut..., SegmentFinished, ..., Summary
+
+Pipeline per session:
+  push_text -> TextSegmenter -> segment queue
+  generation task: for each segment, in order, stream tokens from the LLM into a fresh
+      TokenStreamDecoder registered with the shared DecodeScheduler; the next segment's
+      generation starts as soon as this one's tokens are all in, while it is still decoding;
+  events(): each segment's audio chunks, in order, through one AudioEncoder (one continuous
+      stream of samples, so Opus frames and Ogg pages run across segment boundaries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from miotts_stream.audio.encoders import EncodedAudio, Encoding, make_encoder
+from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
+from miotts_stream.codec.streaming import StreamingOptions, TokenStreamDecoder
+from miotts_stream.llm import (
+    LLMError,
+    LLMRequestError,
+    LLMUnavailableError,
+    SamplingOptions,
+    TokenSource,
+)
+from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
+
+from .scheduler import DecodeScheduler, ScheduledStream
+
+logger = logging.getLogger(__name__)
+
+LANGUAGES = ("auto", "ja", "en")
+
+
+class SessionError(Exception):
+    """A request problem; `code` names the gRPC status the transport should use."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code  # INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...
+
+
+@dataclass
+class SessionConfig:
+    voice: torch.Tensor
+    encoding: Encoding = Encoding.PCM_S16LE
+    sample_rate_hz: int = 0
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    streaming: StreamingOptions = field(default_factory=StreamingOptions)
+    language: str = "auto"
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioOut:
+    audio: EncodedAudio
+    start_sample: int
+    segment_index: int
+    sequence: int
+
+
+@dataclass
+class SegmentStarted:
+    segment_index: int
+    text: str
+    audio_start_sample: int
+
+
+@dataclass
+class SegmentFinished:
+    segment_index: int
+    text: str
+    audio_start_sample: int
+    audio_end_sample: int
+
+
+@dataclass
+class Summary:
+    time_to_first_audio_ms: float
+    audio_seconds: float
+    generated_tokens: int
+    dropped_tokens: int
+    real_time_factor: float
+    sample_rate_hz: int
+    encoding: Encoding
+    random_weights: bool
+
+
+Event = AudioOut | SegmentStarted | SegmentFinished | Summary
+
+
+@dataclass(eq=False)
+class _Segment:
+    index: int
+    text: str
+    ready_at: float  # when the request that completed this segment arrived
+    decoder_stream: TokenStreamDecoder | None = None
+    scheduled: ScheduledStream | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    samples: int | None = None  # codec-rate samples, once all decoded
+
+
+class SpeechEngine:
+    """Owns the token source, the codec, the voices and the decode loop; opens sessions."""
+
+    def __init__(
+        self,
+        source: TokenSource,
+        decoder: MioCodecDecoder,
+        voices: VoiceLibrary,
+        *,
+        max_streams: int = 16,
+        max_text_chars: int = 10000,
+        max_batch: int = 32,
+        random_weights: bool = False,
+        model_name: str = "",
+    ):
+        self.source = source
+        self.decoder = decoder
+        self.voices = voices
+        self.max_streams = max_streams
+        self.max_text_chars = max_text_chars
+        self.random_weights = random_weights
+        self.model_name = model_name
+        self.scheduler = DecodeScheduler(decoder, max_batch=max_batch)
+        self.sessions: set[SynthesisSession] = set()
+
+    async def start(self) -> None:
+        self.scheduler.start()
+
+    async def close(self) -> None:
+        for session in list(self.sessions):
+            await session.close()
+        await self.scheduler.close()
+        await self.source.close()
+
+    def open_session(self, config: SessionConfig) -> SynthesisSession:
+        if len(self.sessions) >= self.max_streams:
+            raise SessionError(
+                "RESOURCE_EXHAUSTED",
+                f"server busy: {len(self.sessions)} streams open (--max-streams "
+                f"{self.max_streams}); retry later",
+            )
+        session = SynthesisSession(self, config)
+        self.sessions.add(session)
+        return session
+
+
+class SynthesisSession:
+    """One synthesis: feed text, read events. Always `close()` it (idempotent)."""
+
+    def __init__(self, engine: SpeechEngine, config: SessionConfig):
+        self.engine = engine
+        self.config = config
+        self.id = uuid.uuid4().hex[:12]
+        self.codec_rate = engine.decoder.sample_rate
+        self.encoder = make_encoder(config.encoding, self.codec_rate, config.sample_rate_hz)
+        self.segmenter = TextSegmenter(SegmenterOptions())
+        self.text_chars = 0
+        self._segments: asyncio.Queue[_Segment | None] = asyncio.Queue()
+        self._segment_list: list[_Segment] = []
+        self._input_ended = False
+        self._input_changed = asyncio.Event()  # a segment was added, or input ended
+        self._cancelled = asyncio.Event()
+        self._error: SessionError | None = None
+        self._failed = asyncio.Event()
+        self._generation = asyncio.get_running_loop().create_task(
+            self._generate(), name=f"generate-{self.id}"
+        )
+        self.generated_tokens = 0
+        self.dropped_tokens = 0
+        self.started_at = time.perf_counter()
+        self.first_audio_at: float | None = None
+        self.samples_sent = 0  # codec-rate samples handed to the encoder
+        self._closed = False
+
+    # ---- input ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._input_ended:
+            raise SessionError("INVALID_ARGUMENT", "request: text after end_of_input")
+
+    def push_text(self, text: str) -> None:
+        self._check_open()
+        self.text_chars += len(text)
+        if self.text_chars > self.engine.max_text_chars:
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"text: {self.text_chars} characters exceeds the limit of "
+                f"{self.engine.max_text_chars} per stream",
+            )
+        for segment in self.segmenter.push(text):
+            self._add_segment(segment)
+
+    def flush(self) -> None:
+        self._check_open()
+        for segment in self.segmenter.flush():
+            self._add_segment(segment)
+
+    def end_input(self) -> None:
+        self._check_open()
+        for segment in self.segmenter.flush():
+            self._add_segment(segment)
+        self._input_ended = True
+        self._input_changed.set()
+        if not self._segment_list:
+            raise SessionError("INVALID_ARGUMENT", "text: no text to synthesize")
+        self._segments.put_nowait(None)
+
+    def cancel(self) -> None:
+        """Barge-in: stop generating and sending now."""
+        self._cancelled.set()
+        self._generation.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _add_segment(self, text: str) -> None:
+        segment = _Segment(len(self._segment_list), text, time.perf_counter())
+        self._segment_list.append(segment)
+        self._segments.put_nowait(segment)
+        self._input_changed.set()
+
+    def fail(self, error: SessionError) -> None:
+        if self._error is None:
+            self._error = error
+        self._failed.set()
+        self._generation.cancel()
+
+    # ---- generation ----------------------------------------------------------------------
+    def _clock_for(self, segment: _Segment):
+        """Seconds of audio the client holds ahead of playback, for this segment's deadlines:
+        audio of earlier segments plus this one's, minus what has played since the first
+        chunk went out, minus the decode latency to expect."""
+
+        def buffered_seconds() -> float:
+            if self.first_audio_at is None:
+                return float("inf")
+            before = 0
+            for earlier in self._segment_list[: segment.index]:
+                if earlier.samples is None:
+                    return float("inf")  # an earlier segment is still playing out
+                before += earlier.samples
+            produced = before + segment.decoder_stream.emitted_samples
+            played = time.perf_counter() - self.first_audio_at
+            return produced / self.codec_rate - played - 2 * self.engine.scheduler.step_seconds_ema
+
+        return buffered_seconds
+
+    async def _generate(self) -> None:
+        engine = self.engine
+        try:
+            while (segment := await self._segments.get()) is not None:
+                stream = engine.decoder.stream(self.config.voice, self.config.streaming, clock=None)
+                segment.decoder_stream = stream
+                stream.clock = self._clock_for(segment)
+                segment.scheduled = engine.scheduler.register(stream)
+                segment.started.set()
+                tokens = engine.source.stream(
+                    segment.text,
+                    self.config.sampling,
+                    request_id=f"{self.id}-{segment.index}",
+                    language=self.config.language,
+                )
+                try:
+                    async for code in tokens:
+                        stream.push_tokens([code])
+                        engine.scheduler.wake()
+                finally:
+                    await tokens.aclose()
+                    self.generated_tokens += tokens.generated_tokens
+                    self.dropped_tokens += tokens.dropped_tokens
+                stream.mark_finished()
+                engine.scheduler.wake()
+        except LLMUnavailableError as err:
+            self.fail(SessionError("UNAVAILABLE", f"speech LLM unavailable: {err}"))
+        except LLMRequestError as err:
+            self.fail(SessionError("INVALID_ARGUMENT", f"text: {err}"))
+        except LLMError as err:
+            self.fail(SessionError("INTERNAL", f"speech LLM: {err}"))
+        except asyncio.CancelledError:
+            pass
+
+    # ---- output --------------------------------------------------------------------------
+    async def _next_segment(self, index: int) -> _Segment | None:
+        """Wait until segment `index` exists (None once input ended without it)."""
+        while index >= len(self._segment_list):
+            if self._input_ended:
+                return None
+            self._input_changed.clear()
+            await self._wait_any(self._input_changed.wait())
+        segment = self._segment_list[index]
+        await self._wait_any(segment.started.wait())
+        return segment
+
+    async def _wait_any(self, awaitable):
+        """Await `awaitable`, but stop early on cancel or failure."""
+        task = asyncio.ensure_future(awaitable)
+        cancel = asyncio.ensure_future(self._cancelled.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait({task, cancel, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for other in (cancel, failed):
+                other.cancel()
+        if self._error is not None:
+            task.cancel()
+            raise self._error
+        if self.cancelled:
+            task.cancel()
+            raise asyncio.CancelledError
+        return task.result()
+
+    def _audio_event(self, encoded: EncodedAudio, segment_index: int, sequence: int) -> AudioOut:
+        start = self.encoder.samples_out - encoded.num_samples
+        return AudioOut(encoded, start, segment_index, sequence)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events in order; ends after the Summary, or quietly after cancel."""
+        sequence = 0
+        pending_header = self.encoder.stream_header()  # Ogg headers ride on the first chunk
+        index = 0
+        try:
+            while (segment := await self._next_segment(index)) is not None:
+                start = self.encoder.samples_out
+                yield SegmentStarted(segment.index, segment.text, start)
+                samples = 0
+                while (chunk := await self._wait_any(segment.scheduled.output.get())) is not None:
+                    self.engine.scheduler.wake()  # room in the queue again
+                    if self.first_audio_at is None:
+                        self.first_audio_at = time.perf_counter()
+                    samples += chunk.numel()
+                    encoded = self.encoder.encode(chunk.numpy())
+                    if pending_header:
+                        encoded.data = pending_header + encoded.data
+                        pending_header = b""
+                    if not encoded.empty:
+                        yield self._audio_event(encoded, segment.index, sequence)
+                        sequence += 1
+                segment.samples = samples
+                yield SegmentFinished(segment.index, segment.text, start, self.encoder.samples_out)
+                index += 1
+            if self._error is not None:
+                raise self._error
+            tail = self.encoder.finish()
+            if pending_header:
+                tail.data = pending_header + tail.data
+            if not tail.empty:
+                yield self._audio_event(tail, max(index - 1, 0), sequence)
+            yield self._summary()
+        except asyncio.CancelledError:
+            if not self.cancelled:
+                raise
+            return
+
+    def _summary(self) -> Summary:
+        elapsed = time.perf_counter() - self.started_at
+        audio_seconds = self.encoder.samples_out / self.encoder.out_rate
+        first = self._segment_list[0].ready_at if self._segment_list else self.started_at
+        ttfa = ((self.first_audio_at - first) * 1000) if self.first_audio_at else 0.0
+        return Summary(
+            time_to_first_audio_ms=ttfa,
+            audio_seconds=audio_seconds,
+            generated_tokens=self.generated_tokens,
+            dropped_tokens=self.dropped_tokens,
+            real_time_factor=elapsed / audio_seconds if audio_seconds else 0.0,
+            sample_rate_hz=self.encoder.out_rate,
+            encoding=self.config.encoding,
+            random_weights=self.engine.random_weights,
+        )
+
+    # ---- cleanup -------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Abort generation, release decode streams; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._generation.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._generation
+        for segment in self._segment_list:
+            if segment.scheduled is not None:
+                self.engine.scheduler.unregister(segment.scheduled)
+        self.engine.sessions.discard(self)

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the service, on their own registry (several servers per process in
+tests), served over HTTP on --metrics-port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.time_to_first_audio = Histogram(
+            "miotts_time_to_first_audio_seconds",
+            "From the start of a request to its first audio chunk",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+            registry=self.registry,
+        )
+        self.active_streams = Gauge(
+            "miotts_active_streams", "Synthesis streams open now", registry=self.registry
+        )
+        self.generated_tokens = Counter(
+            "miotts_generated_tokens", "Speech tokens generated", registry=self.registry
+        )
+        self.audio_seconds = Counter(
+            "miotts_audio_seconds", "Seconds of audio sent", registry=self.registry
+        )
+        self.requests = Counter(
+            "miotts_requests",
+            "Finished RPCs by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._http = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics endpoint; returns the bound port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None

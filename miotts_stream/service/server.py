@@ -1,0 +1,180 @@
+"""Assemble and run the service: token source + codec + voices -> engine -> gRPC server.
+
+`ServerOptions` mirrors the command line of `server.py`; `run_server` blocks until a signal,
+`MioTTSServer` is the same thing as an object (tests start it on loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
+from miotts_stream.codec.decoder import RELEASED_CONFIGS
+from miotts_stream.demo_model import ensure_demo_model, is_demo_model
+from miotts_stream.llm import (
+    OpenAITokenSource,
+    TokenSource,
+    VLLMEngineOptions,
+    VLLMTokenSource,
+)
+
+from .engine import SpeechEngine
+from .metrics import ServiceMetrics
+from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+from .servicer import TextToSpeechServicer
+
+logger = logging.getLogger("miotts_stream.server")
+
+SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
+
+
+@dataclass
+class ServerOptions:
+    model: str | None = None  # None: the built-in small demo model (random weights)
+    codec: str | None = None  # None: full-size 24 kHz MioCodec with random weights
+    device: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051
+    max_streams: int = 16
+    presets_dirs: list[str] = field(default_factory=list)
+    default_voice: str = "en_female"
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gib: float = 2.0
+    enforce_eager: bool = False
+    metrics_port: int | None = 9400
+    max_text_chars: int = 10000
+    max_batch: int = 32
+
+
+async def build_engine(options: ServerOptions) -> SpeechEngine:
+    """Load everything the options name; log plainly what has random weights."""
+    random_parts = []
+    if options.codec:
+        decoder = MioCodecDecoder.from_pretrained(options.codec, device=options.device)
+    else:
+        decoder = MioCodecDecoder.from_config(RELEASED_CONFIGS["24khz"], device=options.device)
+        random_parts.append("codec")
+    logger.info("codec: %s", decoder.describe())
+
+    source: TokenSource
+    if options.llm_base_url:
+        source = OpenAITokenSource(
+            options.llm_base_url, model=options.llm_model, api_key=options.llm_api_key
+        )
+        model_name = f"{options.llm_model or '(server default)'} at {options.llm_base_url}"
+    else:
+        model = options.model
+        if model is None:
+            model = str(ensure_demo_model("small"))
+        if is_demo_model(model):
+            random_parts.append("speech LLM")
+        engine_options = VLLMEngineOptions(
+            max_model_len=options.max_model_len,
+            dtype=options.dtype,
+            device=options.device or "auto",
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            kv_cache_gib=options.kv_cache_gib,
+            enforce_eager=True if options.enforce_eager else None,  # None: eager on CPU only
+        )
+        source = VLLMTokenSource.from_model(model, engine_options)
+        model_name = model
+    logger.info("speech LLM: %s", model_name)
+    if random_parts:
+        logger.warning(
+            "RANDOM WEIGHTS: the %s %s built-in demo models with random weights: the service "
+            "produces audio of the right shape and timing, not speech. Pass --model and --codec "
+            "for real MioTTS weights.",
+            " and ".join(random_parts),
+            "is a" if len(random_parts) == 1 else "are",
+        )
+    voices = VoiceLibrary([Path(p) for p in options.presets_dirs])
+    if options.default_voice not in voices:
+        raise ValueError(f"--default-voice: unknown preset {options.default_voice!r}")
+    engine = SpeechEngine(
+        source,
+        decoder,
+        voices,
+        max_streams=options.max_streams,
+        max_text_chars=options.max_text_chars,
+        max_batch=options.max_batch,
+        random_weights=bool(random_parts),
+        model_name=model_name,
+    )
+    await engine.start()
+    return engine
+
+
+class MioTTSServer:
+    """The gRPC server (TextToSpeech, health, reflection) and the metrics endpoint."""
+
+    def __init__(self, engine: SpeechEngine, options: ServerOptions):
+        self.engine = engine
+        self.options = options
+        self.metrics = ServiceMetrics()
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    async def start(self) -> int:
+        servicer = TextToSpeechServicer(self.engine, self.metrics, self.options.default_voice)
+        tts_pb2_grpc.add_TextToSpeechServicer_to_server(servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.port = self.grpc.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+        await self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.options.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+        logger.info(
+            "serving %s on %s:%d (metrics on %s)",
+            SERVICE_NAME,
+            self.options.host,
+            self.port,
+            self.metrics_port,
+        )
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(grace)
+        await self.engine.close()
+        self.metrics.close()
+
+
+async def run_server(options: ServerOptions) -> None:
+    engine = await build_engine(options)
+    server = MioTTSServer(engine, options)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await server.stop()

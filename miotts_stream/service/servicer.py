@@ -1,0 +1,304 @@
+"""gRPC transport for the speech engine: `miotts.v1.TextToSpeech`.
+
+Maps protobuf messages to engine sessions and back, and every request problem to a gRPC status
+whose message names the field. The engine itself knows nothing about gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+
+import grpc
+import torch
+
+from miotts_stream.audio.encoders import Encoding, output_rate
+from miotts_stream.codec.streaming import StreamingOptions
+from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
+from miotts_stream.llm import SamplingOptions
+
+from .engine import (
+    LANGUAGES,
+    AudioOut,
+    Event,
+    SegmentFinished,
+    SegmentStarted,
+    SessionConfig,
+    SessionError,
+    SpeechEngine,
+    Summary,
+    SynthesisSession,
+)
+from .metrics import ServiceMetrics
+from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_PROTO_ENCODINGS = {
+    tts_pb2.ENCODING_UNSPECIFIED: Encoding.PCM_S16LE,
+    tts_pb2.PCM_S16LE: Encoding.PCM_S16LE,
+    tts_pb2.PCM_F32LE: Encoding.PCM_F32LE,
+    tts_pb2.OPUS: Encoding.OPUS,
+    tts_pb2.OGG_OPUS: Encoding.OGG_OPUS,
+    tts_pb2.MULAW: Encoding.MULAW,
+    tts_pb2.ALAW: Encoding.ALAW,
+}
+_ENCODING_TO_PROTO = {
+    v: k for k, v in _PROTO_ENCODINGS.items() if k != tts_pb2.ENCODING_UNSPECIFIED
+}
+
+
+def _invalid(message: str) -> SessionError:
+    return SessionError("INVALID_ARGUMENT", message)
+
+
+class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
+    def __init__(self, engine: SpeechEngine, metrics: ServiceMetrics, default_voice: str):
+        self.engine = engine
+        self.metrics = metrics
+        self.default_voice = default_voice
+
+    # ---- config --------------------------------------------------------------------------
+    def session_config(self, config: tts_pb2.SynthesisConfig) -> SessionConfig:
+        engine = self.engine
+        which = config.voice.WhichOneof("voice")
+        if which == "embedding":
+            values = list(config.voice.embedding.values)
+            if len(values) != engine.decoder.embedding_dim or not all(map(math.isfinite, values)):
+                raise _invalid(
+                    f"voice.embedding.values: expected {engine.decoder.embedding_dim} finite "
+                    f"floats, got {len(values)} values"
+                    + ("" if all(map(math.isfinite, values)) else " with NaN or infinity")
+                )
+            voice = torch.tensor(values, dtype=torch.float32)
+        else:
+            name = config.voice.preset if which == "preset" else self.default_voice
+            if name not in engine.voices:
+                known = ", ".join(engine.voices.names())
+                raise SessionError(
+                    "NOT_FOUND", f"voice.preset: unknown preset {name!r} (known: {known})"
+                )
+            voice = engine.voices.get(name)
+
+        if config.audio.encoding not in _PROTO_ENCODINGS:
+            raise _invalid(f"audio.encoding: unknown encoding {config.audio.encoding}")
+        encoding = _PROTO_ENCODINGS[config.audio.encoding]
+        if config.audio.sample_rate_hz < 0:
+            raise _invalid("audio.sample_rate_hz: must be 0 (codec rate) or a positive rate")
+        try:
+            output_rate(encoding, config.audio.sample_rate_hz, engine.decoder.sample_rate)
+        except ValueError as err:
+            raise _invalid(str(err)) from None
+
+        gen = config.generation
+        defaults = SamplingOptions()
+        sampling = SamplingOptions(
+            temperature=gen.temperature if gen.HasField("temperature") else defaults.temperature,
+            top_p=gen.top_p if gen.HasField("top_p") else defaults.top_p,
+            repetition_penalty=(
+                gen.repetition_penalty
+                if gen.HasField("repetition_penalty")
+                else defaults.repetition_penalty
+            ),
+            max_tokens=gen.max_tokens if gen.HasField("max_tokens") else defaults.max_tokens,
+            seed=gen.seed if gen.HasField("seed") else None,
+        )
+        try:
+            sampling.validate()
+        except ValueError as err:
+            raise _invalid(f"generation.{err}") from None
+
+        base = StreamingOptions()
+        fields = {}
+        for name in (
+            "first_chunk_tokens",
+            "chunk_tokens",
+            "lookahead_tokens",
+            "left_context_tokens",
+        ):
+            value = getattr(config.streaming, name)
+            if value < 0:
+                raise _invalid(f"streaming.{name}: must be >= 0 (0 means the default)")
+            fields[name] = value or getattr(base, name)
+        if fields["lookahead_tokens"] < base.first_lookahead_tokens:
+            fields["first_lookahead_tokens"] = fields["lookahead_tokens"]
+        try:
+            streaming = StreamingOptions(**fields).validated()
+        except ValueError as err:
+            raise _invalid(str(err).replace("streaming options: ", "streaming.")) from None
+
+        language = config.language or "auto"
+        if language not in LANGUAGES:
+            raise _invalid(f"language: {language!r} is not one of {', '.join(LANGUAGES)}")
+        return SessionConfig(
+            voice, encoding, config.audio.sample_rate_hz, sampling, streaming, language
+        )
+
+    # ---- events --------------------------------------------------------------------------
+    @staticmethod
+    def to_proto(event: Event) -> tts_pb2.StreamingSynthesizeResponse:
+        if isinstance(event, AudioOut):
+            return tts_pb2.StreamingSynthesizeResponse(
+                audio=tts_pb2.AudioChunk(
+                    data=event.audio.data,
+                    opus_packets=event.audio.packets,
+                    start_sample=event.start_sample,
+                    num_samples=event.audio.num_samples,
+                    segment_index=event.segment_index,
+                    sequence=event.sequence,
+                )
+            )
+        if isinstance(event, SegmentStarted | SegmentFinished):
+            finished = isinstance(event, SegmentFinished)
+            return tts_pb2.StreamingSynthesizeResponse(
+                segment=tts_pb2.SegmentEvent(
+                    segment_index=event.segment_index,
+                    text=event.text,
+                    kind=tts_pb2.SegmentEvent.FINISHED
+                    if finished
+                    else tts_pb2.SegmentEvent.STARTED,
+                    audio_start_sample=event.audio_start_sample,
+                    audio_end_sample=event.audio_end_sample if finished else 0,
+                )
+            )
+        assert isinstance(event, Summary)
+        return tts_pb2.StreamingSynthesizeResponse(
+            summary=tts_pb2.SynthesisSummary(
+                time_to_first_audio_ms=event.time_to_first_audio_ms,
+                audio_seconds=event.audio_seconds,
+                generated_tokens=event.generated_tokens,
+                dropped_tokens=event.dropped_tokens,
+                real_time_factor=event.real_time_factor,
+                sample_rate_hz=event.sample_rate_hz,
+                encoding=_ENCODING_TO_PROTO[event.encoding],
+                random_weights=event.random_weights,
+            )
+        )
+
+    async def _run_session(self, session: SynthesisSession, method: str, context, reader=None):
+        """Stream a session's events to the client; always cleans up."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            async for event in session.events():
+                if isinstance(event, AudioOut) and event.sequence == 0:
+                    self.metrics.time_to_first_audio.observe(time.perf_counter() - started)
+                if isinstance(event, Summary):
+                    self.metrics.audio_seconds.inc(event.audio_seconds)
+                    self.metrics.generated_tokens.inc(event.generated_tokens)
+                yield self.to_proto(event)
+        except SessionError as err:
+            code = err.code
+            await context.abort(getattr(grpc.StatusCode, err.code), str(err))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+            await session.close()
+            self.metrics.active_streams.dec()
+            self.metrics.requests.labels(method=method, code=code).inc()
+
+    def _open(self, config: tts_pb2.SynthesisConfig) -> SynthesisSession:
+        session = self.engine.open_session(self.session_config(config))
+        self.metrics.active_streams.inc()
+        return session
+
+    async def _abort(self, context, method: str, err: SessionError):
+        self.metrics.requests.labels(method=method, code=err.code).inc()
+        await context.abort(getattr(grpc.StatusCode, err.code), str(err))
+
+    # ---- RPCs ----------------------------------------------------------------------------
+    async def StreamingSynthesize(self, request_iterator, context):
+        method = "StreamingSynthesize"
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            await self._abort(
+                context,
+                method,
+                _invalid("config: the stream ended before its first message (a config)"),
+            )
+        kind = first.WhichOneof("request")
+        if kind != "config":
+            await self._abort(
+                context,
+                method,
+                _invalid(
+                    f"config: the first message must be a config, got {kind or 'an empty message'}"
+                ),
+            )
+        try:
+            session = self._open(first.config)
+        except SessionError as err:
+            await self._abort(context, method, err)
+        reader = asyncio.get_running_loop().create_task(self._read(requests, session))
+        async for response in self._run_session(session, method, context, reader):
+            yield response
+
+    async def _read(self, requests, session: SynthesisSession) -> None:
+        """Feed the client's messages into the session; problems fail the session."""
+        ended = False
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("request")
+                if kind == "text":
+                    session.push_text(request.text)
+                elif kind == "flush":
+                    session.flush()
+                elif kind == "end_of_input":
+                    session.end_input()
+                    ended = True
+                elif kind == "cancel":
+                    session.cancel()
+                    return
+                elif kind == "config":
+                    raise _invalid("config: sent twice; only the first message may be a config")
+                else:
+                    raise _invalid("request: empty message (set one of the request fields)")
+            if not ended and not session.cancelled:
+                session.end_input()  # half-close without end_of_input: finish what was sent
+        except SessionError as err:
+            session.fail(err)
+
+    async def Synthesize(self, request, context):
+        method = "Synthesize"
+        try:
+            session = self._open(request.config)
+        except SessionError as err:
+            await self._abort(context, method, err)
+        try:
+            if not request.text.strip():
+                raise _invalid("text: no text to synthesize")
+            session.push_text(request.text)
+            session.end_input()
+        except SessionError as err:
+            session.fail(err)
+        async for response in self._run_session(session, method, context):
+            yield response
+
+    async def ListVoices(self, request, context):
+        notice_file = BUILTIN_PRESETS_DIR / "NOTICE.md"
+        builtin_notice = (
+            "not for commercial use (see NOTICE.md of the presets)" if notice_file.exists() else ""
+        )
+        voices = []
+        for name in self.engine.voices.names():
+            path = self.engine.voices.path(name)
+            notice = builtin_notice if path.parent == BUILTIN_PRESETS_DIR else ""
+            voices.append(tts_pb2.VoiceInfo(name=name, notice=notice))
+        self.metrics.requests.labels(method="ListVoices", code="OK").inc()
+        return tts_pb2.ListVoicesResponse(
+            voices=voices,
+            sample_rate_hz=self.engine.decoder.sample_rate,
+            model=self.engine.model_name,
+            codec=self.engine.decoder.describe(),
+            random_weights=self.engine.random_weights,
+        )

@@ -1,0 +1,127 @@
+"""miotts-stream server: streaming MioTTS over gRPC (miotts.v1.TextToSpeech).
+
+With no flags it serves the built-in default, a small demo speech LLM and a full-size 24 kHz
+MioCodec decoder, both with RANDOM WEIGHTS (audio of the right shape and timing, not speech).
+Real models, on a GPU machine:
+
+    python server.py --model Aratako/MioTTS-0.1B --codec Aratako/MioCodec-25Hz-24kHz
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from miotts_stream.service.server import ServerOptions, run_server
+
+
+def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    d = ServerOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="speech LLM for the in-process vLLM engine: a folder or a Hugging Face id\n"
+        "(default: the built-in small demo model, random weights)",
+    )
+    p.add_argument(
+        "--codec",
+        default=None,
+        help="MioCodec checkpoint: a folder (config.yaml + model.safetensors) or a\n"
+        "Hugging Face id (default: full-size 24 kHz architecture, random weights)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cuda or cpu for the codec and the engine (default: cuda if available)",
+    )
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port})")
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=d.max_streams,
+        help=f"concurrent synthesis streams; more get RESOURCE_EXHAUSTED (default {d.max_streams})",
+    )
+    p.add_argument(
+        "--presets-dir",
+        action="append",
+        default=[],
+        dest="presets_dirs",
+        help="extra folder of voice embeddings (.pt/.npy/.safetensors), by file name;\n"
+        "may be repeated",
+    )
+    p.add_argument(
+        "--default-voice",
+        default=d.default_voice,
+        help=f"preset used when a request names no voice (default {d.default_voice})",
+    )
+    p.add_argument(
+        "--llm-base-url",
+        default=None,
+        help="use an OpenAI-compatible server (vllm serve, llama.cpp, Ollama) instead\n"
+        "of the in-process engine, e.g. http://127.0.0.1:8000/v1",
+    )
+    p.add_argument(
+        "--llm-model",
+        default=None,
+        help="model name on that server (default: the first of /v1/models)",
+    )
+    p.add_argument("--llm-api-key", default=None, help="bearer token for that server, if any")
+    engine = p.add_argument_group("in-process vLLM engine")
+    engine.add_argument(
+        "--max-model-len",
+        type=int,
+        default=d.max_model_len,
+        help=f"prompt + speech tokens per request (default {d.max_model_len})",
+    )
+    engine.add_argument("--dtype", default=d.dtype, help="model dtype (default auto)")
+    engine.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=d.gpu_memory_utilization,
+        help="GPU memory share for vLLM (weights + KV cache), CUDA only "
+        f"(default {d.gpu_memory_utilization})",
+    )
+    engine.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=d.kv_cache_gib,
+        help=f"KV cache size on CPU, GiB (default {d.kv_cache_gib})",
+    )
+    engine.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="disable CUDA graphs / compilation (faster start, slower decode)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=d.metrics_port,
+        help=f"Prometheus /metrics HTTP port, 0 for any free port (default {d.metrics_port})",
+    )
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=d.max_text_chars,
+        help=f"text characters per stream (default {d.max_text_chars})",
+    )
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    values = {k: v for k, v in vars(args).items() if k not in ("no_metrics", "log_level")}
+    if args.no_metrics:
+        values["metrics_port"] = None
+    return ServerOptions(**values)
+
+
+def main() -> None:
+    asyncio.run(run_server(parse_args()))
+
+
+if __name__ == "__main__":
+    main()

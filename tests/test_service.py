@@ -1,0 +1,422 @@
+"""The gRPC service end to end: a real server on loopback, the real vLLM engine (tiny demo
+model), the real codec loader (tiny checkpoint), real libopus."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from miotts_stream.audio.decoders import decode_audio
+from miotts_stream.audio.encoders import Encoding
+from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
+
+from .conftest import TINY_CODECS
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MAX_TOKENS = 24  # per segment: keeps the CPU engine quick
+SPT = 960  # samples per token of the 24 kHz codec
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server():
+    from miotts_stream.demo_model import ensure_demo_model
+
+    options = ServerOptions(
+        model=str(ensure_demo_model("tiny")),
+        codec=str(TINY_CODECS["24khz"]),
+        device="cpu",
+        host="127.0.0.1",
+        port=0,
+        max_streams=5,
+        metrics_port=0,
+        max_text_chars=400,
+        max_model_len=512,
+        kv_cache_gib=0.5,
+        enforce_eager=True,
+    )
+    engine = await build_engine(options)
+    srv = MioTTSServer(engine, options)
+    await srv.start()
+    yield srv
+    await srv.stop(grace=0.5)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def stub(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield tts_pb2_grpc.TextToSpeechStub(channel)
+
+
+def config(encoding=tts_pb2.PCM_S16LE, rate=0, seed=1, max_tokens=MAX_TOKENS, **kwargs):
+    return tts_pb2.SynthesisConfig(
+        voice=kwargs.pop("voice", tts_pb2.Voice(preset="en_female")),
+        audio=tts_pb2.AudioFormat(encoding=encoding, sample_rate_hz=rate),
+        generation=tts_pb2.GenerationOptions(seed=seed, max_tokens=max_tokens),
+        **kwargs,
+    )
+
+
+def req(**kwargs) -> tts_pb2.StreamingSynthesizeRequest:
+    return tts_pb2.StreamingSynthesizeRequest(**kwargs)
+
+
+async def collect(call) -> dict:
+    out = {"audio": [], "segments": [], "summary": None, "data": b"", "packets": []}
+    async for response in call:
+        kind = response.WhichOneof("response")
+        if kind == "audio":
+            out["audio"].append(response.audio)
+            out["data"] += response.audio.data
+            out["packets"] += list(response.audio.opus_packets)
+        elif kind == "segment":
+            out["segments"].append(response.segment)
+        else:
+            out["summary"] = response.summary
+    return out
+
+
+async def unfinished(server) -> int:
+    return server.engine.source.num_unfinished_requests()
+
+
+async def test_bidirectional_text_in_pieces(stub, server):
+    pieces = ["Hel", "lo th", "ere. How a", "re you", " today? I am f", "ine"]
+
+    async def requests():
+        yield req(config=config())
+        for piece in pieces:
+            yield req(text=piece)
+            await asyncio.sleep(0.01)
+        yield req(end_of_input=tts_pb2.EndOfInput())
+
+    result = await collect(stub.StreamingSynthesize(requests()))
+    summary = result["summary"]
+    started = [s for s in result["segments"] if s.kind == tts_pb2.SegmentEvent.STARTED]
+    assert [s.text for s in started] == ["Hello there.", "How are you today?", "I am fine"]
+    finished = [s for s in result["segments"] if s.kind == tts_pb2.SegmentEvent.FINISHED]
+    assert [s.segment_index for s in finished] == [0, 1, 2]
+    assert summary.sample_rate_hz == 24000 and summary.random_weights
+    assert 3 <= summary.generated_tokens <= 3 * MAX_TOKENS
+    audio = np.frombuffer(result["data"], dtype="<i2")
+    assert len(audio) == summary.generated_tokens * SPT
+    assert [a.sequence for a in result["audio"]] == list(range(len(result["audio"])))
+    starts = [a.start_sample for a in result["audio"]]
+    assert starts == list(np.cumsum([0] + [a.num_samples for a in result["audio"]])[:-1])
+    assert finished[-1].audio_end_sample == len(audio)
+    assert np.abs(audio).max() > 100  # not silence
+    assert summary.time_to_first_audio_ms > 0 and summary.real_time_factor > 0
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate", "out_rate"),
+    [
+        (tts_pb2.PCM_S16LE, 16000, 16000),
+        (tts_pb2.PCM_F32LE, 0, 24000),
+        (tts_pb2.OPUS, 48000, 48000),
+        (tts_pb2.OGG_OPUS, 0, 24000),
+        (tts_pb2.MULAW, 8000, 8000),
+        (tts_pb2.ALAW, 0, 8000),
+    ],
+)
+async def test_every_encoding_decodes_back(stub, encoding, rate, out_rate):
+    call = stub.Synthesize(
+        tts_pb2.SynthesizeRequest(
+            config=config(encoding=encoding, rate=rate), text="Testing every encoding."
+        )
+    )
+    result = await collect(call)
+    summary = result["summary"]
+    assert summary.sample_rate_hz == out_rate and summary.encoding == encoding
+    name = tts_pb2.Encoding.Name(encoding)
+    audio = decode_audio(Encoding(name), out_rate, result["data"], result["packets"])
+    expected = summary.generated_tokens * SPT * out_rate // 24000
+    if encoding == tts_pb2.OPUS:  # raw packets: whole 20 ms frames, encoder delay included
+        assert all(len(p) > 0 for p in result["packets"])
+        assert expected <= len(audio) <= expected + out_rate // 50 + out_rate // 100
+    else:
+        assert abs(len(audio) - expected) <= 2
+    assert np.sqrt(np.mean(audio**2)) > 0.005  # not silence
+    assert abs(summary.audio_seconds - expected / out_rate) < 0.01
+
+
+async def test_same_seed_same_audio(stub):
+    texts = []
+    for _ in range(2):
+        result = await collect(
+            stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(seed=7), text="Reproducible."))
+        )
+        texts.append(result["data"])
+    assert texts[0] == texts[1]
+
+
+async def test_cancel_mid_stream_ends_promptly_and_frees_the_engine(stub, server):
+    baseline = await unfinished(server)
+    cancel_now = asyncio.Event()
+
+    async def requests():
+        yield req(config=config(max_tokens=400))
+        yield req(text="A long sentence that would take a while to say. ")
+        yield req(flush=tts_pb2.Flush())
+        await cancel_now.wait()
+        yield req(cancel=tts_pb2.Cancel())
+
+    call = stub.StreamingSynthesize(requests())
+    chunks_after_cancel = 0
+    cancelled_at = None
+    async for response in call:
+        if response.WhichOneof("response") == "audio":
+            if cancelled_at is None:
+                cancelled_at = time.perf_counter()
+                cancel_now.set()
+            else:
+                chunks_after_cancel += 1
+    assert await call.code() == grpc.StatusCode.OK
+    assert time.perf_counter() - cancelled_at < 2.0
+    assert chunks_after_cancel <= 2  # what was already in flight
+    for _ in range(100):
+        if await unfinished(server) == baseline and not server.engine.sessions:
+            break
+        await asyncio.sleep(0.02)
+    assert await unfinished(server) == baseline
+    assert not server.engine.sessions
+
+
+async def test_client_disconnect_aborts_the_engine_request(stub, server):
+    baseline = await unfinished(server)
+    call = stub.Synthesize(
+        tts_pb2.SynthesizeRequest(
+            config=config(max_tokens=400), text="Disconnect while this is being spoken."
+        )
+    )
+    async for response in call:
+        if response.WhichOneof("response") == "audio":
+            break
+    call.cancel()
+    for _ in range(100):
+        if await unfinished(server) == baseline and not server.engine.sessions:
+            break
+        await asyncio.sleep(0.02)
+    assert await unfinished(server) == baseline
+    assert not server.engine.sessions
+
+
+async def test_four_concurrent_streams(stub):
+    async def one(i):
+        return await collect(
+            stub.Synthesize(
+                tts_pb2.SynthesizeRequest(
+                    config=config(seed=i), text=f"Concurrent stream number {i}."
+                )
+            )
+        )
+
+    results = await asyncio.gather(*(one(i) for i in range(4)))
+    for result in results:
+        summary = result["summary"]
+        assert summary.generated_tokens > 0
+        assert len(result["data"]) == 2 * summary.generated_tokens * SPT
+
+
+def _expect_error(code, message_part):
+    def check(err: grpc.aio.AioRpcError):
+        assert err.code() == code, err.details()
+        assert message_part in err.details(), err.details()
+
+    return check
+
+
+@pytest.mark.parametrize(
+    ("messages", "code", "message"),
+    [
+        ([req(text="hello")], grpc.StatusCode.INVALID_ARGUMENT, "config: the first message"),
+        (
+            [req(config=config()), req(config=config())],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "config: sent twice",
+        ),
+        (
+            [req(config=config(voice=tts_pb2.Voice(preset="nobody")))],
+            grpc.StatusCode.NOT_FOUND,
+            "voice.preset: unknown preset 'nobody'",
+        ),
+        (
+            [
+                req(
+                    config=config(
+                        voice=tts_pb2.Voice(embedding=tts_pb2.Embedding(values=[1.0] * 5))
+                    )
+                )
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "voice.embedding.values: expected 128 finite floats",
+        ),
+        (
+            [
+                req(
+                    config=config(
+                        voice=tts_pb2.Voice(
+                            embedding=tts_pb2.Embedding(values=[float("nan")] * 128)
+                        )
+                    )
+                )
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "voice.embedding.values",
+        ),
+        (
+            [req(config=config(encoding=tts_pb2.MULAW, rate=16000))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio.sample_rate_hz: 16000 Hz is not supported",
+        ),
+        (
+            [req(config=config(encoding=tts_pb2.OPUS, rate=44100))],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "audio.sample_rate_hz: 44100 Hz",
+        ),
+        (
+            [req(config=config()), req(text="x" * 401)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "text: 401 characters exceeds the limit of 400",
+        ),
+        (
+            [req(config=config()), req(end_of_input=tts_pb2.EndOfInput())],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "text: no text to synthesize",
+        ),
+        ([req(config=config(language="fr"))], grpc.StatusCode.INVALID_ARGUMENT, "language: 'fr'"),
+        (
+            [
+                req(
+                    config=tts_pb2.SynthesisConfig(
+                        generation=tts_pb2.GenerationOptions(temperature=-1)
+                    )
+                )
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "generation.temperature",
+        ),
+        (
+            [
+                req(
+                    config=tts_pb2.SynthesisConfig(
+                        streaming=tts_pb2.StreamingOptions(chunk_tokens=-3)
+                    )
+                )
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "streaming.chunk_tokens",
+        ),
+    ],
+)
+async def test_error_table_and_the_server_keeps_serving(stub, messages, code, message):
+    async def requests():
+        for m in messages:
+            yield m
+        await asyncio.sleep(5)  # keep the stream open: the error must come from the server
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub.StreamingSynthesize(requests()))
+    _expect_error(code, message)(caught.value)
+    ok = await collect(
+        stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Still here."))
+    )
+    assert ok["summary"].generated_tokens > 0
+
+
+async def test_empty_synthesize_text(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="  ")))
+    _expect_error(grpc.StatusCode.INVALID_ARGUMENT, "text: no text")(caught.value)
+
+
+async def test_over_max_streams_is_resource_exhausted(stub, server):
+    release = asyncio.Event()
+
+    async def held():
+        yield req(config=config())
+        await release.wait()
+        yield req(cancel=tts_pb2.Cancel())
+
+    calls = [stub.StreamingSynthesize(held()) for _ in range(server.options.max_streams)]
+    readers = [asyncio.ensure_future(collect(c)) for c in calls]
+    for _ in range(200):
+        if len(server.engine.sessions) == server.options.max_streams:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="One more.")))
+    _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-streams")(caught.value)
+    release.set()
+    await asyncio.gather(*readers)
+    ok = await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Room.")))
+    assert ok["summary"].generated_tokens > 0
+
+
+async def test_unreachable_llm_is_unavailable(unused_tcp_port):
+    options = ServerOptions(
+        codec=str(TINY_CODECS["24khz"]),
+        device="cpu",
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        llm_base_url=f"http://127.0.0.1:{unused_tcp_port}/v1",
+        llm_model="nothing-listens-here",
+    )
+    engine = await build_engine(options)
+    srv = MioTTSServer(engine, options)
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = tts_pb2_grpc.TextToSpeechStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(
+                    stub.Synthesize(
+                        tts_pb2.SynthesizeRequest(config=config(), text="Anyone there?")
+                    )
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "speech LLM unavailable" in caught.value.details()
+            assert not engine.sessions
+    finally:
+        await srv.stop(grace=0.2)
+
+
+async def test_list_voices_health_reflection_and_metrics(stub, server):
+    with pytest.raises(grpc.aio.AioRpcError):
+        await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="")))
+    voices = await stub.ListVoices(tts_pb2.ListVoicesRequest())
+    assert {"en_female", "en_male", "jp_female", "jp_male"} <= {v.name for v in voices.voices}
+    assert all("commercial" in v.notice for v in voices.voices)
+    assert voices.random_weights and voices.sample_rate_hz == 24000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service="miotts.v1.TextToSpeech"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert "miotts.v1.TextToSpeech" in names
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
+    )
+    text = body.decode()
+    for metric in (
+        "miotts_time_to_first_audio_seconds",
+        "miotts_active_streams",
+        "miotts_generated_tokens_total",
+        "miotts_audio_seconds_total",
+        'miotts_requests_total{code="INVALID_ARGUMENT"',
+    ):
+        assert metric in text
