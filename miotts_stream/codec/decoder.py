@@ -216,6 +216,11 @@ class MioCodecDecoder:
         speaker = (
             embeddings if isinstance(embeddings, torch.Tensor) else torch.stack(list(embeddings))
         )
+        if self.device.type == "cpu":
+            # Subnormal floats turn up in the upsampler and the iSTFT head and run ~20x slower
+            # on x86 (measured: 2.5 s instead of 0.16 s for one window). Flushing them changes
+            # values by < 1e-37. The flag is per thread, so set it on whichever thread decodes.
+            torch.set_flush_denormal(True)
         padded = padded.to(self.device, non_blocking=True)
         speaker = speaker.to(self.device, dtype=torch.float32, non_blocking=True)
         with self._autocast():
