@@ -1,0 +1,44 @@
+"""Speech tokens from an LLM: one interface, an async stream of MioCodec codes per request.
+
+Sources: `VLLMTokenSource` (vLLM's engine in this process: token ids, sampling restricted to
+speech tokens) and `OpenAITokenSource` (a server the user runs: `vllm serve`, llama.cpp, Ollama).
+"""
+
+from .base import (
+    NUM_SPEECH_CODES,
+    TOKENS_PER_SECOND,
+    LLMError,
+    LLMRequestError,
+    LLMUnavailableError,
+    RunawayGuard,
+    SamplingOptions,
+    TokenSource,
+    TokenStream,
+    chat_messages,
+    token_budget,
+)
+from .openai_source import OpenAITokenSource, OpenAITokenStream
+from .speech_tokens import SpeechTextParser, SpeechVocabulary
+from .vllm_source import VLLMEngineOptions, VLLMTokenSource, VLLMTokenStream, build_engine
+
+__all__ = [
+    "NUM_SPEECH_CODES",
+    "TOKENS_PER_SECOND",
+    "LLMError",
+    "LLMRequestError",
+    "LLMUnavailableError",
+    "OpenAITokenSource",
+    "OpenAITokenStream",
+    "RunawayGuard",
+    "SamplingOptions",
+    "SpeechTextParser",
+    "SpeechVocabulary",
+    "TokenSource",
+    "TokenStream",
+    "VLLMEngineOptions",
+    "VLLMTokenSource",
+    "VLLMTokenStream",
+    "build_engine",
+    "chat_messages",
+    "token_budget",
+]

@@ -1,0 +1,222 @@
+"""What every source of speech tokens shares: options, the budget, the stream, the errors."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from miotts_stream.text import normalize_text
+
+NUM_SPEECH_CODES = 12800
+TOKENS_PER_SECOND = 25
+
+
+class LLMError(Exception):
+    """The speech LLM failed this request."""
+
+
+class LLMUnavailableError(LLMError):
+    """The LLM could not be reached or did not answer in time, before any token came."""
+
+
+class LLMRequestError(LLMError):
+    """The LLM refused the request as invalid (bad options, text too long, unknown model)."""
+
+
+@dataclass
+class SamplingOptions:
+    """Per-request sampling, defaults as upstream MioTTS-Inference."""
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 700  # 28 s of audio
+    seed: int | None = None  # same seed, same text, same engine: same tokens
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first field out of range."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class RunawayGuard:
+    """Bounds the tokens of one text by its length, because LLM TTS can loop.
+
+    A looping model repeats a syllable or hums until max_tokens: 28 s of noise for "Yes.".
+    Speech runs at most a few tokens per character (Japanese kana ~3 at 25 Hz, kanji and
+    digits read out more; English ~2), so `tokens_per_char` = 10 leaves room for slow speech
+    and long readings such as "$1,234,567" while cutting a loop early. Short texts get at
+    least `min_tokens` (3 s).
+    """
+
+    tokens_per_char: float = 10.0
+    min_tokens: int = 75
+
+    def budget(self, text: str, requested_max_tokens: int) -> int:
+        return token_budget(text, requested_max_tokens, self.tokens_per_char, self.min_tokens)
+
+
+def token_budget(
+    text: str, requested_max_tokens: int, tokens_per_char: float = 10.0, min_tokens: int = 75
+) -> int:
+    """max_tokens for `text`: the request's, lowered to `tokens_per_char` per character of the
+    (normalized) text but not below `min_tokens`. tokens_per_char <= 0 disables the guard."""
+    if tokens_per_char <= 0:
+        return requested_max_tokens
+    by_length = max(min_tokens, math.ceil(tokens_per_char * len(text)))
+    return max(1, min(requested_max_tokens, by_length))
+
+
+def chat_messages(normalized_text: str) -> list[dict[str, str]]:
+    """The prompt as upstream sends it: one user message with the text, no system prompt."""
+    return [{"role": "user", "content": normalized_text}]
+
+
+_request_counter = itertools.count()
+
+
+def unique_request_id(request_id: str | None) -> str:
+    """The caller's id (for logs) made unique: an engine aborts every request sharing an id."""
+    return f"{request_id or 'miotts'}.{next(_request_counter)}"
+
+
+class TokenStream(ABC):
+    """Speech codes (0..12799) of one request, as the LLM writes them.
+
+    Iterate with ``async for`` (the request starts on the first step). After the loop,
+    `finish_reason` says why it ended: "stop" (the model ended the utterance), "length" (max
+    tokens or the runaway guard), "cancelled", or "error" (the loop raised an LLMError).
+    `generated_tokens` counts the codes yielded, `dropped_tokens` the non-speech tokens skipped.
+
+    Stopping early aborts the request in the LLM: `aclose()` (also after breaking out of the
+    loop; ``async with stream:`` calls it), `cancel()` (from any task, without awaiting), or
+    cancelling the task that awaits the next code. All are idempotent.
+    """
+
+    def __init__(self, request_id: str, max_tokens: int) -> None:
+        self.request_id = request_id
+        self.max_tokens = max_tokens  # after the runaway guard
+        self.generated_tokens = 0
+        self.dropped_tokens = 0
+        self.finish_reason: str | None = None
+        self._pending: deque[int] = deque()
+        self._exhausted = False  # the LLM is done with this request (or it never started)
+        self._cancel_requested = False
+        self._abort_task: asyncio.Task | None = None
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> int:
+        while True:
+            if self._cancel_requested:
+                self.finish_reason = "cancelled"
+                raise StopAsyncIteration
+            if self._pending:
+                self.generated_tokens += 1
+                return self._pending.popleft()
+            if self._exhausted:
+                raise StopAsyncIteration
+            try:
+                await self._receive()
+            except asyncio.CancelledError:
+                # The consumer's task was cancelled mid-wait: the request must not live on.
+                self._cancel_requested = True
+                self.finish_reason = "cancelled"
+                await self._abort()
+                raise
+            except BaseException:
+                self.finish_reason = "error"
+                await self._abort()
+                self._exhausted = True
+                raise
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def cancel(self) -> None:
+        """Aborts the request without waiting; a loop over the stream ends at its next step."""
+        if self._cancel_requested or self._exhausted:
+            return
+        self._cancel_requested = True
+        self.finish_reason = "cancelled"
+        self._abort_task = asyncio.get_running_loop().create_task(self._abort())
+
+    async def aclose(self) -> None:
+        """Aborts the request if it still runs and waits until the LLM has let go of it."""
+        if not self._exhausted and not self._cancel_requested:
+            self._cancel_requested = True
+            self.finish_reason = "cancelled"
+        if self._abort_task is not None:
+            await self._abort_task
+        elif not self._exhausted:
+            await self._abort()
+        self._exhausted = True
+        await self._release()
+
+    def _end(self, finish_reason: str) -> None:
+        """Called by a source when the LLM has ended the request."""
+        self._exhausted = True
+        self.finish_reason = "cancelled" if self._cancel_requested else finish_reason
+
+    @abstractmethod
+    async def _receive(self) -> None:
+        """Waits for the next output of the LLM: appends its codes to `_pending`, counts
+        dropped tokens, and calls `_end` when the request is over."""
+
+    @abstractmethod
+    async def _abort(self) -> None:
+        """Stops the request in the LLM; safe to call more than once, and before it started."""
+
+    async def _release(self) -> None:  # noqa: B027 (optional hook)
+        """Frees what the stream holds once it is over (connections, generators)."""
+
+
+@runtime_checkable
+class TokenSource(Protocol):
+    """Something that turns text into streams of speech codes."""
+
+    @property
+    def name(self) -> str: ...
+
+    def stream(
+        self,
+        text: str,
+        options: SamplingOptions,
+        request_id: str | None = None,
+        language: str = "auto",
+    ) -> TokenStream:
+        """Starts (lazily, on first iteration) generating speech for one piece of raw text:
+        the source normalizes it (`normalize_text(text, language)`) and builds the prompt."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def prepare_text(text: str, language: str) -> str:
+    """Normalized text for the prompt; an empty result is a request error, not a silent no-op."""
+    normalized = normalize_text(text, language)
+    if not normalized:
+        raise LLMRequestError("text is empty after normalization")
+    return normalized
