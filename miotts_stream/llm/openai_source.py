@@ -303,7 +303,7 @@ class OpenAITokenStream(TokenStream):
         content = self._response.content
         while True:
             line = await content.readline()
-            if not line:  # the connection ended
+            if not line.endswith(b"\n"):  # the connection ended, maybe mid-line
                 if self._cancel_requested:
                     self._end("cancelled")
                     return
