@@ -227,6 +227,8 @@ async def test_bad_requests(source: VLLMTokenSource) -> None:
         source.stream(TEXT, SamplingOptions(temperature=-1))
     with pytest.raises(LLMRequestError, match="empty"):
         source.stream("   ", SamplingOptions())
+    with pytest.raises(LLMRequestError, match="language"):
+        source.stream(TEXT, SamplingOptions(), language="fr")
     with pytest.raises(LLMRequestError, match="too long"):
         source.stream("a" * MAX_MODEL_LEN, SamplingOptions())
     # A text that leaves little room gets its max tokens cut to what fits.

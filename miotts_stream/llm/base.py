@@ -216,7 +216,10 @@ class TokenSource(Protocol):
 
 def prepare_text(text: str, language: str) -> str:
     """Normalized text for the prompt; an empty result is a request error, not a silent no-op."""
-    normalized = normalize_text(text, language)
+    try:
+        normalized = normalize_text(text, language)
+    except ValueError as err:  # an unknown language
+        raise LLMRequestError(str(err)) from err
     if not normalized:
         raise LLMRequestError("text is empty after normalization")
     return normalized
