@@ -103,7 +103,8 @@ class TokenStream(ABC):
 
     Iterate with ``async for`` (the request starts on the first step). After the loop,
     `finish_reason` says why it ended: "stop" (the model ended the utterance), "length" (max
-    tokens or the runaway guard), "cancelled", or "error" (the loop raised an LLMError).
+    tokens or the runaway guard), "cancelled", "error" (the loop raised an LLMError), or
+    another reason the LLM gave (e.g. "abort" when it dropped the request by itself).
     `generated_tokens` counts the codes yielded, `dropped_tokens` the non-speech tokens skipped.
 
     Stopping early aborts the request in the LLM: `aclose()` (also after breaking out of the
@@ -118,7 +119,7 @@ class TokenStream(ABC):
         self.dropped_tokens = 0
         self.finish_reason: str | None = None
         self._pending: deque[int] = deque()
-        self._exhausted = False  # the LLM is done with this request (or it never started)
+        self._exhausted = False  # the LLM is done with this request
         self._cancel_requested = False
         self._abort_task: asyncio.Task | None = None
 

@@ -58,7 +58,7 @@ def _error_message(body: str) -> str:
 
 
 class _RetryableError(Exception):
-    """A failure before the first token that another attempt may not meet."""
+    """A failure before the first token that a later attempt may not run into."""
 
 
 class OpenAITokenSource:
@@ -119,7 +119,7 @@ class OpenAITokenSource:
             self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
         return self._session
 
-    async def _with_retries(self, what: str, url: str, attempt_once):
+    async def _with_retries(self, url: str, attempt_once):
         """Runs `attempt_once()` until it succeeds, retrying what is worth retrying."""
         attempts = self.connect_retries + 1
         for attempt in range(1, attempts + 1):
@@ -129,12 +129,10 @@ class OpenAITokenSource:
                 detail = str(err) or type(err).__name__
                 if attempt == attempts:
                     raise LLMUnavailableError(
-                        f"cannot {what} the speech LLM server at {url} "
+                        f"cannot reach the speech LLM server at {url} "
                         f"({attempts} attempt{'s' if attempts > 1 else ''}): {detail}"
                     ) from err
-                logger.warning(
-                    "%s %s failed (attempt %d/%d): %s", what, url, attempt, attempts, detail
-                )
+                logger.warning("%s failed (attempt %d/%d): %s", url, attempt, attempts, detail)
                 await asyncio.sleep(self.retry_delay_s * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
@@ -162,7 +160,7 @@ class OpenAITokenSource:
                 except (ValueError, AttributeError) as err:
                     raise LLMError(f"{self.models_url} sent no model list: {body[:200]}") from err
 
-            models = await self._with_retries("reach", self.models_url, list_models)
+            models = await self._with_retries(self.models_url, list_models)
             if not models:
                 raise LLMRequestError(f"{self.models_url} lists no models")
             self.model = models[0]

@@ -241,6 +241,8 @@ class VLLMTokenSource:
 
 
 class VLLMTokenStream(TokenStream):
+    """One request to the in-process engine; codes come straight from the sampled token ids."""
+
     def __init__(
         self, source: VLLMTokenSource, request_id: str, prompt: list[int], params, max_tokens: int
     ) -> None:
@@ -255,11 +257,12 @@ class VLLMTokenStream(TokenStream):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self._source.engine
-        if self._outputs is None:
-            # The prompt is already token ids; the renderer only wraps them for the engine.
-            (engine_input,) = engine.renderer.render_cmpl([{"prompt_token_ids": self._prompt}])
-            self._outputs = engine.generate(engine_input, self._params, self.request_id)
         try:
+            if self._outputs is None:
+                # The prompt is token ids already; the renderer only wraps them for the engine.
+                prompt = {"prompt_token_ids": self._prompt}
+                (engine_input,) = engine.renderer.render_cmpl([prompt])
+                self._outputs = engine.generate(engine_input, self._params, self.request_id)
             output = await anext(self._outputs)
         except StopAsyncIteration:
             self._end("stop")
@@ -282,15 +285,16 @@ class VLLMTokenStream(TokenStream):
             elif token_id not in vocab.stop_ids:
                 self.dropped_tokens += 1
         if output.finished:
-            reason = completion.finish_reason or "stop"
-            self._end("cancelled" if reason == "abort" else reason)
+            # "stop" (end token), "length", or "abort" (ours: reported as "cancelled").
+            self._end(completion.finish_reason or "stop")
             await self._release()
 
     async def _abort(self) -> None:
-        if self._outputs is not None:
+        engine = self._source._engine
+        if self._outputs is not None and engine is not None:
             # By id rather than by closing the generator: this works while another task is
             # inside it; vLLM drops the request at once and ends the generator's loop.
-            await self._source.engine.abort(self.request_id)
+            await engine.abort(self.request_id)
 
     async def _release(self) -> None:
         outputs = self._outputs
