@@ -149,6 +149,22 @@ async def test_every_encoding_decodes_back(stub, encoding, rate, out_rate):
     assert abs(summary.audio_seconds - expected / out_rate) < 0.01
 
 
+async def test_a_segment_with_nothing_to_say_is_skipped(stub):
+    """A lone "。" normalizes to nothing: its segment is silent, the stream still succeeds."""
+
+    async def requests():
+        yield req(config=config(language="ja"))
+        yield req(text="。\n")
+        yield req(text="こんにちは。")
+        yield req(end_of_input=tts_pb2.EndOfInput())
+
+    result = await collect(stub.StreamingSynthesize(requests()))
+    finished = [s for s in result["segments"] if s.kind == tts_pb2.SegmentEvent.FINISHED]
+    assert [s.text for s in finished] == ["。", "こんにちは。"]
+    assert finished[0].audio_end_sample == finished[0].audio_start_sample == 0
+    assert result["summary"].generated_tokens > 0
+
+
 async def test_same_seed_same_audio(stub):
     texts = []
     for _ in range(2):

@@ -4,8 +4,8 @@
 
 Starts `server.py` (built-in default: small demo LLM + full-size 24 kHz codec, random weights)
 as a subprocess on loopback, then per concurrency level runs that many StreamingSynthesize calls
-at once, each about `--seconds` of audio (max_tokens = 25 per second; the demo model ends
-utterances on its own too), and measures on the client:
+at once, each at most `--seconds` of audio (two sentences of 25 * seconds / 2 tokens at most;
+the demo model ends utterances on its own too), and measures on the client:
   TTFA     from the last request message (end_of_input) to the first audio byte;
   TTLB     from the last request message to the last audio byte;
   ratio    TTFA / TTLB: how much sooner audio starts than when waiting for everything

@@ -36,6 +36,7 @@ from miotts_stream.llm import (
     SamplingOptions,
     TokenSource,
 )
+from miotts_stream.text import normalize_text
 from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
 
 from .scheduler import DecodeScheduler, ScheduledStream
@@ -271,6 +272,11 @@ class SynthesisSession:
                 stream.clock = self._clock_for(segment)
                 segment.scheduled = engine.scheduler.register(stream)
                 segment.started.set()
+                if not normalize_text(segment.text, self.config.language):
+                    # Punctuation alone ("...", "—"): nothing to say, and no reason to fail.
+                    stream.mark_finished()
+                    engine.scheduler.wake()
+                    continue
                 tokens = engine.source.stream(
                     segment.text,
                     self.config.sampling,
