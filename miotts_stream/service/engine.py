@@ -187,7 +187,6 @@ class SynthesisSession:
         self.dropped_tokens = 0
         self.started_at = time.perf_counter()
         self.first_audio_at: float | None = None
-        self.samples_sent = 0  # codec-rate samples handed to the encoder
         self._closed = False
 
     # ---- input ---------------------------------------------------------------------------
