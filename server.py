@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument(
         "--device",
         default=None,
-        help="cuda or cpu for the codec and the engine (default: cuda if available)",
+        help="cuda or cpu for the codec (default: cuda if available); the in-process engine\n"
+        "runs where the installed vLLM build runs, and this is checked against it",
     )
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port})")
@@ -88,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         "--kv-cache-gib",
         type=float,
         default=d.kv_cache_gib,
-        help=f"KV cache size on CPU, GiB (default {d.kv_cache_gib})",
+        help="KV cache size in GiB (default: 1 on CPU; on a GPU, sized from\n"
+        "--gpu-memory-utilization)",
     )
     engine.add_argument(
         "--enforce-eager",
@@ -107,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         type=int,
         default=d.max_text_chars,
         help=f"text characters per stream (default {d.max_text_chars})",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help=f"decode windows per batched step, all streams (default {d.max_batch})",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = p.parse_args(argv)

@@ -26,10 +26,17 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
-    code = protoc.main([
-        "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}",
-        f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos,
-    ])
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
+        ]
+    )
     if code != 0:
         raise SystemExit(f"protoc failed ({code})")
     for path in out.rglob("*.py*"):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from miotts_stream.codec import MioCodecDecoder, load_config
 from miotts_stream.codec.checkpoint import decoder_shapes, encoder_side_shapes, expected_shapes
+from miotts_stream.codec.decoder import RELEASED_CONFIGS
 from miotts_stream.codec.layers import local_attention
 
 from .conftest import FULL_CONFIGS, FULL_KEYS, TINY_CODECS, load_vectors
@@ -99,6 +100,12 @@ def _keys_file(path) -> dict[str, tuple[int, ...]]:
         name, shape = line.split("\t")
         shapes[name] = tuple(int(n) for n in re.findall(r"\d+", shape))
     return shapes
+
+
+def test_shipped_configs_are_the_released_ones():
+    """The package's copies (built-in default, benches) equal the fixtures tested here."""
+    for name, path in FULL_CONFIGS.items():
+        assert RELEASED_CONFIGS[name].read_text() == path.read_text()
 
 
 @pytest.mark.parametrize("name", sorted(FULL_CONFIGS))

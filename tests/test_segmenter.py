@@ -79,6 +79,14 @@ def test_max_chars_cuts_at_a_space_or_anywhere():
     assert [len(s) for s in segment(unspaced, max_chars=50)] == [50, 50, 30]
 
 
+def test_words_that_look_like_abbreviations_still_end_sentences():
+    assert segment("I said no. Then I left. Ask J. Smith, he knows.") == [
+        "I said no.",
+        "Then I left.",
+        "Ask J. Smith, he knows.",
+    ]
+
+
 def test_newlines_and_flush():
     assert segment("line one\nline two") == ["line one", "line two"]
     segmenter = TextSegmenter()

@@ -274,7 +274,7 @@ def _expect_error(code, message_part):
                 )
             ],
             grpc.StatusCode.INVALID_ARGUMENT,
-            "voice.embedding.values: expected 128 finite floats",
+            "voice.embedding.values: expected 128 floats",
         ),
         (
             [
@@ -407,6 +407,35 @@ async def test_unreachable_llm_is_unavailable(unused_tcp_port):
         await srv.stop(grace=0.2)
 
 
+async def test_a_decode_failure_ends_the_stream_with_internal(stub, server, monkeypatch):
+    def broken_run_batch(*args, **kwargs):
+        raise RuntimeError("simulated decoder fault")
+
+    monkeypatch.setattr(server.engine.decoder, "run_batch", broken_run_batch)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(
+            collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Boom."))), 30
+        )
+    _expect_error(grpc.StatusCode.INTERNAL, "simulated decoder fault")(caught.value)
+    monkeypatch.undo()
+    ok = await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Fine.")))
+    assert ok["summary"].generated_tokens > 0
+    assert not server.engine.sessions
+
+
+async def test_a_generation_bug_ends_the_stream_with_internal(stub, server, monkeypatch):
+    def broken_stream(*args, **kwargs):
+        raise RuntimeError("simulated generation bug")
+
+    monkeypatch.setattr(server.engine.source, "stream", broken_stream)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(
+            collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Bug."))), 30
+        )
+    _expect_error(grpc.StatusCode.INTERNAL, "simulated generation bug")(caught.value)
+    assert not server.engine.sessions
+
+
 async def test_list_voices_health_reflection_and_metrics(stub, server):
     with pytest.raises(grpc.aio.AioRpcError):
         await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="")))
@@ -428,11 +457,14 @@ async def test_list_voices_health_reflection_and_metrics(stub, server):
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
     )
     text = body.decode()
-    for metric in (
-        "miotts_time_to_first_audio_seconds",
-        "miotts_active_streams",
-        "miotts_generated_tokens_total",
-        "miotts_audio_seconds_total",
-        'miotts_requests_total{code="INVALID_ARGUMENT"',
-    ):
-        assert metric in text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("miotts_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["miotts_active_streams"] == 0  # every stream of the module was released
+    assert values['miotts_requests_total{code="OK",method="Synthesize"}'] >= 5
+    assert values['miotts_requests_total{code="INVALID_ARGUMENT",method="Synthesize"}'] >= 1
+    assert values["miotts_time_to_first_audio_seconds_count"] >= 5
+    assert values["miotts_generated_tokens_total"] > 0
+    assert values["miotts_audio_seconds_total"] > 0

@@ -1,6 +1,6 @@
 """Streaming decode fidelity and throughput, ours beside other projects' strategies.
 
-    python -m miotts_stream.bench.streaming [--tokens 250] [--quick]
+    python -m miotts_stream.bench.streaming [--tokens 250] [--codecs 24kHz] [--no-throughput]
 
 For both codecs (full-size, random weights) and two arrival regimes:
   fast      all tokens available at once (a GPU LLM);

@@ -39,7 +39,7 @@ from miotts_stream.llm import (
 from miotts_stream.text import normalize_text
 from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
 
-from .scheduler import DecodeScheduler, ScheduledStream
+from .scheduler import DecodeFailed, DecodeScheduler, ScheduledStream
 
 logger = logging.getLogger(__name__)
 
@@ -190,12 +190,12 @@ class SynthesisSession:
         self._closed = False
 
     # ---- input ---------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _check_open(self, kind: str) -> None:
         if self._input_ended:
-            raise SessionError("INVALID_ARGUMENT", "request: text after end_of_input")
+            raise SessionError("INVALID_ARGUMENT", f"request: {kind} after end_of_input")
 
     def push_text(self, text: str) -> None:
-        self._check_open()
+        self._check_open("text")
         self.text_chars += len(text)
         if self.text_chars > self.engine.max_text_chars:
             raise SessionError(
@@ -207,12 +207,12 @@ class SynthesisSession:
             self._add_segment(segment)
 
     def flush(self) -> None:
-        self._check_open()
+        self._check_open("flush")
         for segment in self.segmenter.flush():
             self._add_segment(segment)
 
     def end_input(self) -> None:
-        self._check_open()
+        self._check_open("end_of_input")
         for segment in self.segmenter.flush():
             self._add_segment(segment)
         self._input_ended = True
@@ -284,7 +284,7 @@ class SynthesisSession:
                 )
                 try:
                     async for code in tokens:
-                        stream.push_tokens([code])
+                        stream.push_tokens((code,))
                         engine.scheduler.wake()
                 finally:
                     await tokens.aclose()
@@ -295,11 +295,14 @@ class SynthesisSession:
         except LLMUnavailableError as err:
             self.fail(SessionError("UNAVAILABLE", f"speech LLM unavailable: {err}"))
         except LLMRequestError as err:
-            self.fail(SessionError("INVALID_ARGUMENT", f"text: {err}"))
+            self.fail(SessionError("INVALID_ARGUMENT", f"speech LLM rejected the request: {err}"))
         except LLMError as err:
             self.fail(SessionError("INTERNAL", f"speech LLM: {err}"))
         except asyncio.CancelledError:
             pass
+        except Exception as err:  # a bug must end the stream with an error, not hang it
+            logger.exception("session %s: generation failed", self.id)
+            self.fail(SessionError("INTERNAL", f"generation failed: {err}"))
 
     # ---- output --------------------------------------------------------------------------
     async def _next_segment(self, index: int) -> _Segment | None:
@@ -323,11 +326,11 @@ class SynthesisSession:
         finally:
             for other in (cancel, failed):
                 other.cancel()
+            if not task.done():
+                task.cancel()
         if self._error is not None:
-            task.cancel()
             raise self._error
         if self.cancelled:
-            task.cancel()
             raise asyncio.CancelledError
         return task.result()
 
@@ -347,6 +350,8 @@ class SynthesisSession:
                 samples = 0
                 while (chunk := await self._wait_any(segment.scheduled.output.get())) is not None:
                     self.engine.scheduler.wake()  # room in the queue again
+                    if isinstance(chunk, DecodeFailed):
+                        raise SessionError("INTERNAL", f"decoding failed: {chunk.message}")
                     if self.first_audio_at is None:
                         self.first_audio_at = time.perf_counter()
                     samples += chunk.numel()
@@ -395,6 +400,9 @@ class SynthesisSession:
         if self._closed:
             return
         self._closed = True
+        if self._error is None:  # a reader still waiting in events() must not hang
+            self._error = SessionError("UNAVAILABLE", "the server is shutting down this stream")
+        self._failed.set()
         self._generation.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._generation

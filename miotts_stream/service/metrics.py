@@ -11,7 +11,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         self.time_to_first_audio = Histogram(
             "miotts_time_to_first_audio_seconds",
-            "From the start of a request to its first audio chunk",
+            "From the request message that completed the first segment to its first audio",
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
             registry=self.registry,
         )
@@ -41,4 +41,5 @@ class ServiceMetrics:
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
             self._http = None

@@ -14,8 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from miotts_stream.codec import MioCodecDecoder
 from miotts_stream.codec.streaming import TokenStreamDecoder, forward_windows
 
@@ -23,6 +21,13 @@ logger = logging.getLogger(__name__)
 
 # Without new tokens, re-check playback deadlines this often.
 DEADLINE_POLL_S = 0.01
+
+
+@dataclass
+class DecodeFailed:
+    """Put in a stream's output queue instead of audio when its decode failed."""
+
+    message: str
 
 
 @dataclass(eq=False)
@@ -45,6 +50,7 @@ class DecodeScheduler:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._task: asyncio.Task | None = None
+        self._next_first = 0  # round-robin start of planning
         self.step_seconds_ema = 0.0  # recent batched-step time: the decode latency to plan for
         self.steps = 0
         self.windows_decoded = 0
@@ -60,7 +66,7 @@ class DecodeScheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     # ---- streams -------------------------------------------------------------------------
     def register(self, stream: TokenStreamDecoder) -> ScheduledStream:
@@ -84,18 +90,28 @@ class DecodeScheduler:
 
     # ---- the loop ------------------------------------------------------------------------
     def _plan(self):
+        """The next window of each stream with room for output, at most `max_batch`, starting
+        after the stream served first last time (so no stream starves when many are ready)."""
         planned = []
-        for entry in list(self._streams):
+        count = len(self._streams)
+        for offset in range(count):
+            entry = self._streams[(self._next_first + offset) % count]
             if entry.output.full():
                 continue  # slow reader: let it catch up, decode the others
-            if entry.stream.done:
-                self._end(entry)
+            try:
+                if entry.stream.done:
+                    self._end(entry)
+                    continue
+                window = entry.stream.next_window()
+            except Exception as err:  # a broken clock or stream fails that stream only
+                logger.exception("planning a window failed")
+                self._fail(entry, err)
                 continue
-            window = entry.stream.next_window()
             if window is not None:
                 planned.append((entry, window))
             if len(planned) == self.max_batch:
                 break
+        self._next_first = (self._next_first + 1) % max(count, 1)
         return planned
 
     def _end(self, entry: ScheduledStream) -> None:
@@ -103,6 +119,13 @@ class DecodeScheduler:
             entry.ended = True
             entry.output.put_nowait(None)
             self.unregister(entry)
+
+    def _fail(self, entry: ScheduledStream, error: Exception) -> None:
+        """The stream's reader gets the error instead of more audio."""
+        entry.ended = True
+        self.unregister(entry)
+        with contextlib.suppress(asyncio.QueueFull):
+            entry.output.put_nowait(DecodeFailed(str(error)))
 
     def _has_pending_tokens(self) -> bool:
         return any(e.stream.emitted_tokens < len(e.stream.tokens) for e in self._streams)
@@ -121,12 +144,11 @@ class DecodeScheduler:
             started = time.perf_counter()
             try:
                 decoded = await loop.run_in_executor(self._executor, self._forward, windows)
-            except Exception:
-                logger.exception("decode step failed; ending the affected streams")
+                chunks = decoded.apply()
+            except Exception as err:
+                logger.exception("decode step failed; failing the %d streams in it", len(planned))
                 for entry, _ in planned:
-                    entry.stream.mark_finished()
-                    entry.stream.emitted_tokens = len(entry.stream.tokens)
-                    self._end(entry)
+                    self._fail(entry, err)
                 continue
             elapsed = time.perf_counter() - started
             self.step_seconds_ema = (
@@ -134,12 +156,11 @@ class DecodeScheduler:
             )
             self.steps += 1
             self.windows_decoded += len(windows)
-            for (entry, _), chunk in zip(planned, decoded.apply(), strict=True):
+            for (entry, _), chunk in zip(planned, chunks, strict=True):
                 if not entry.closed:
                     entry.output.put_nowait(chunk)
                 if entry.stream.done:
                     self._end(entry)
 
     def _forward(self, windows):
-        with torch.inference_mode():
-            return forward_windows(self.decoder, windows)
+        return forward_windows(self.decoder, windows)

@@ -53,7 +53,7 @@ class ServerOptions:
     max_model_len: int = 2048
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.5
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: float | None = None  # None: 1 GiB on CPU; on GPU, from the memory share
     enforce_eager: bool = False
     metrics_port: int | None = 9400
     max_text_chars: int = 10000
@@ -63,12 +63,17 @@ class ServerOptions:
 async def build_engine(options: ServerOptions) -> SpeechEngine:
     """Load everything the options name; log plainly what has random weights."""
     random_parts = []
+    voices = VoiceLibrary([Path(p) for p in options.presets_dirs])
+    if options.default_voice not in voices:
+        raise ValueError(f"--default-voice: unknown preset {options.default_voice!r}")
     if options.codec:
         decoder = MioCodecDecoder.from_pretrained(options.codec, device=options.device)
     else:
         decoder = MioCodecDecoder.from_config(RELEASED_CONFIGS["24khz"], device=options.device)
         random_parts.append("codec")
     logger.info("codec: %s", decoder.describe())
+    for name in voices.names():  # a broken preset file fails now, not in a client's request
+        decoder.validate_embedding(voices.get(name), f"preset {name}")
 
     source: TokenSource
     if options.llm_base_url:
@@ -101,9 +106,6 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
             " and ".join(random_parts),
             "is a" if len(random_parts) == 1 else "are",
         )
-    voices = VoiceLibrary([Path(p) for p in options.presets_dirs])
-    if options.default_voice not in voices:
-        raise ValueError(f"--default-voice: unknown preset {options.default_voice!r}")
     engine = SpeechEngine(
         source,
         decoder,
@@ -169,7 +171,11 @@ class MioTTSServer:
 async def run_server(options: ServerOptions) -> None:
     engine = await build_engine(options)
     server = MioTTSServer(engine, options)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await engine.close()  # do not leave vLLM's worker processes behind
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

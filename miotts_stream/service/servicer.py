@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
 
 import grpc
-import torch
 
 from miotts_stream.audio.encoders import Encoding, output_rate
 from miotts_stream.codec.streaming import StreamingOptions
@@ -51,6 +48,11 @@ _ENCODING_TO_PROTO = {
 }
 
 
+# Upper bound of each window field: windows of all streams share one padded forward, so one
+# client's huge windows would slow every other stream down.
+MAX_WINDOW_FIELD_TOKENS = 250
+
+
 def _invalid(message: str) -> SessionError:
     return SessionError("INVALID_ARGUMENT", message)
 
@@ -66,14 +68,12 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         engine = self.engine
         which = config.voice.WhichOneof("voice")
         if which == "embedding":
-            values = list(config.voice.embedding.values)
-            if len(values) != engine.decoder.embedding_dim or not all(map(math.isfinite, values)):
-                raise _invalid(
-                    f"voice.embedding.values: expected {engine.decoder.embedding_dim} finite "
-                    f"floats, got {len(values)} values"
-                    + ("" if all(map(math.isfinite, values)) else " with NaN or infinity")
+            try:
+                voice = engine.decoder.validate_embedding(
+                    list(config.voice.embedding.values), "voice.embedding.values"
                 )
-            voice = torch.tensor(values, dtype=torch.float32)
+            except ValueError as err:
+                raise _invalid(str(err)) from None
         else:
             name = config.voice.preset if which == "preset" else self.default_voice
             if name not in engine.voices:
@@ -120,8 +120,11 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             "left_context_tokens",
         ):
             value = getattr(config.streaming, name)
-            if value < 0:
-                raise _invalid(f"streaming.{name}: must be >= 0 (0 means the default)")
+            if not 0 <= value <= MAX_WINDOW_FIELD_TOKENS:
+                raise _invalid(
+                    f"streaming.{name}: must be between 0 (the default) and "
+                    f"{MAX_WINDOW_FIELD_TOKENS} tokens, got {value}"
+                )
             fields[name] = value or getattr(base, name)
         if fields["lookahead_tokens"] < base.first_lookahead_tokens:
             fields["first_lookahead_tokens"] = fields["lookahead_tokens"]
@@ -180,22 +183,26 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
 
     async def _run_session(self, session: SynthesisSession, method: str, context, reader=None):
         """Stream a session's events to the client; always cleans up."""
-        started = time.perf_counter()
         code = "OK"
         try:
             async for event in session.events():
-                if isinstance(event, AudioOut) and event.sequence == 0:
-                    self.metrics.time_to_first_audio.observe(time.perf_counter() - started)
                 if isinstance(event, Summary):
+                    self.metrics.time_to_first_audio.observe(event.time_to_first_audio_ms / 1000)
                     self.metrics.audio_seconds.inc(event.audio_seconds)
                     self.metrics.generated_tokens.inc(event.generated_tokens)
                 yield self.to_proto(event)
         except SessionError as err:
             code = err.code
             await context.abort(getattr(grpc.StatusCode, err.code), str(err))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
             raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            code = "INTERNAL"
+            logger.exception("session %s failed", session.id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
         finally:
             if reader is not None:
                 reader.cancel()

@@ -1,8 +1,9 @@
 """Incremental segmentation of streamed text into sentences or clauses.
 
 Text arrives in pieces that may split words (or "3." from "14") anywhere. A segment is cut:
-- at a sentence end: Japanese 。！？ (and full-width !?) at once; ASCII . ! ? once the next
-  character shows it is followed by whitespace (so "3.14" and "e.g." mid-sentence survive);
+- at a sentence end, once the next character is known: Japanese 。！？… with any closing
+  quotes after them (「本当に？」 stays whole); ASCII . ! ? when whitespace follows (so "3.14"
+  and "e.g." mid-sentence survive), not after a known abbreviation or a capital initial;
 - at a newline;
 - at a clause mark (, ; : 、 ，) once the segment is long enough: `first_clause_chars` for the
   first segment, so the first audio starts early, `clause_chars` after that;
@@ -19,26 +20,7 @@ _CJK_CLAUSE = "、，"
 _CLOSERS = "」』）)]\"'”’"
 _ASCII_SENTENCE_END = ".!?"
 _ASCII_CLAUSE = ",;:"
-_ABBREVIATIONS = {
-    "mr",
-    "mrs",
-    "ms",
-    "dr",
-    "prof",
-    "sr",
-    "jr",
-    "st",
-    "vs",
-    "etc",
-    "e.g",
-    "i.e",
-    "no",
-    "fig",
-    "approx",
-    "inc",
-    "ltd",
-    "co",
-}
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "vs", "e.g", "i.e", "fig", "approx"}
 
 
 @dataclass
@@ -131,5 +113,6 @@ class TextSegmenter:
         start = dot
         while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "."):
             start -= 1
-        word = text[start:dot].lower()
-        return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+        word = text[start:dot]
+        # "J. Smith": a capital initial; "plan b." or "I said no." end sentences.
+        return word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isupper())
