@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from miotts_stream.llm.vllm_server import free_port
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
 from .common import table
@@ -39,12 +39,6 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog while the sun sets behind the hills. "
     "Everyone agrees that it was a lovely evening"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_serving(address: str, timeout: float) -> None:

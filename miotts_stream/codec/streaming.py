@@ -208,7 +208,6 @@ class TokenStreamDecoder:
         self.finished = False
         self.tail: torch.Tensor | None = None  # previous window's samples past its chunk
         self.norm_stats = GroupNormAccumulator()
-        self.chunks_decoded = 0
 
     # ---- input ---------------------------------------------------------------------------
     def push_tokens(self, tokens: Sequence[int] | torch.Tensor) -> None:
@@ -292,7 +291,6 @@ class TokenStreamDecoder:
         for layer, sums in stats.items():
             self.norm_stats.commit(layer, sums)
         self.emitted_tokens = window.chunk_end
-        self.chunks_decoded += 1
         return audio
 
     # ---- convenience: decode alone -------------------------------------------------------

@@ -45,10 +45,6 @@ class TextSegmenter:
         self._pending = ""
         self._emitted = 0
 
-    @property
-    def pending(self) -> str:
-        return self._pending
-
     def push(self, piece: str) -> list[str]:
         self._pending += piece
         segments = []
