@@ -145,18 +145,25 @@ class WindowGroupStats:
         commit_region = new_region & (frame < stop)
         window_sums = _region_sums(x, new_region, groups)
         self.pending[layer] = _region_sums(x, commit_region, groups)
-        fallback_mean, fallback_var = masked_group_stats(x, valid, groups)
-        means, variances = [], []
-        for i, acc in enumerate(self.accumulators):
-            if acc is None:
-                means.append(fallback_mean[i])
-                variances.append(fallback_var[i])
-                continue
-            count, total, squares = acc.prior(layer, groups, x.device) + window_sums[i]
-            mean = total / count
-            means.append(mean.float())
-            variances.append((squares / count - mean.square()).clamp_min(0).float())
-        return torch.stack(means), torch.stack(variances)
+        priors = torch.stack(
+            [
+                acc.prior(layer, groups, x.device)
+                if acc is not None
+                else torch.zeros(3, groups, dtype=torch.float64, device=x.device)
+                for acc in self.accumulators
+            ]
+        )
+        count, total, squares = (priors + window_sums).unbind(dim=1)
+        mean = total / count
+        means = mean.float()
+        variances = (squares / count - mean.square()).clamp_min(0).float()
+        if any(acc is None for acc in self.accumulators):
+            # Window-only items: their own valid frames, as offline decoding does.
+            own_mean, own_var = masked_group_stats(x, valid, groups)
+            for i, acc in enumerate(self.accumulators):
+                if acc is None:
+                    means[i], variances[i] = own_mean[i], own_var[i]
+        return means, variances
 
 
 # ---- one stream --------------------------------------------------------------------------
