@@ -22,6 +22,7 @@ from miotts_stream.llm import (
     LLMRequestError,
     LLMUnavailableError,
     OpenAITokenSource,
+    RunawayGuard,
     SamplingOptions,
     TokenSource,
     VLLMEngineOptions,
@@ -148,11 +149,15 @@ async def test_without_skip_special_tokens_false_nothing_arrives(server: VLLMSer
 
 async def test_cancel_aborts_the_server_request(server: VLLMServer) -> None:
     # ignore_eos keeps the request going to max_tokens unless it is aborted.
-    endless = OpenAITokenSource(server.base_url, extra_body={"ignore_eos": True})
+    # No runaway guard and a long budget: unaborted, the request would run for seconds, so a
+    # busy machine noticing the disconnect a little late does not hide a missing abort.
+    endless = OpenAITokenSource(
+        server.base_url, extra_body={"ignore_eos": True}, guard=RunawayGuard(tokens_per_char=0)
+    )
     generated = "vllm:generation_tokens_total"
     try:
         before = await settled_metric(server, generated)
-        stream = endless.stream(TEXT * 5, SamplingOptions(seed=5, max_tokens=1500))
+        stream = endless.stream(TEXT, SamplingOptions(seed=5, max_tokens=1800))
         async for _ in stream:
             if stream.generated_tokens == 3:
                 break
