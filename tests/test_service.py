@@ -407,20 +407,24 @@ async def test_unreachable_llm_is_unavailable(unused_tcp_port):
         await srv.stop(grace=0.2)
 
 
+async def expect_internal(stub, server, text: str, message: str) -> None:
+    """A Synthesize that must end, promptly, with INTERNAL naming `message`, leaving no session."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text=text))
+        await asyncio.wait_for(collect(call), 30)
+    _expect_error(grpc.StatusCode.INTERNAL, message)(caught.value)
+    assert not server.engine.sessions
+
+
 async def test_a_decode_failure_ends_the_stream_with_internal(stub, server, monkeypatch):
     def broken_run_batch(*args, **kwargs):
         raise RuntimeError("simulated decoder fault")
 
     monkeypatch.setattr(server.engine.decoder, "run_batch", broken_run_batch)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await asyncio.wait_for(
-            collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Boom."))), 30
-        )
-    _expect_error(grpc.StatusCode.INTERNAL, "simulated decoder fault")(caught.value)
+    await expect_internal(stub, server, "Boom.", "simulated decoder fault")
     monkeypatch.undo()
     ok = await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Fine.")))
     assert ok["summary"].generated_tokens > 0
-    assert not server.engine.sessions
 
 
 async def test_a_generation_bug_ends_the_stream_with_internal(stub, server, monkeypatch):
@@ -428,12 +432,7 @@ async def test_a_generation_bug_ends_the_stream_with_internal(stub, server, monk
         raise RuntimeError("simulated generation bug")
 
     monkeypatch.setattr(server.engine.source, "stream", broken_stream)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await asyncio.wait_for(
-            collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Bug."))), 30
-        )
-    _expect_error(grpc.StatusCode.INTERNAL, "simulated generation bug")(caught.value)
-    assert not server.engine.sessions
+    await expect_internal(stub, server, "Bug.", "simulated generation bug")
 
 
 async def test_list_voices_health_reflection_and_metrics(stub, server):

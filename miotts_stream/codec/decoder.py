@@ -22,6 +22,7 @@ from .checkpoint import load_decoder_model, resolve_checkpoint
 from .config import CodecConfig, load_config, parse_config
 from .layers import GroupStats
 from .model import MioCodecDecoderModel
+from .voices import check_embedding
 
 if TYPE_CHECKING:
     from .streaming import PlaybackClock, StreamingOptions, TokenStreamDecoder
@@ -64,26 +65,6 @@ def _as_token_tensor(tokens: object, codebook_size: int, what: str = "tokens") -
         bad = low if low < 0 else high
         raise ValueError(f"{what}: token id {bad} is outside 0..{codebook_size - 1}")
     return t.long()
-
-
-def _as_embedding(embedding: object, dim: int, what: str = "global_embedding") -> torch.Tensor:
-    """Validate a speaker embedding: `dim` finite floats."""
-    try:
-        e = torch.as_tensor(
-            embedding.detach().cpu()
-            if isinstance(embedding, torch.Tensor)
-            else np.asarray(embedding)
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{what}: expected {dim} floats ({err})") from err
-    if not (e.dtype.is_floating_point or e.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{what}: expected {dim} floats, got dtype {e.dtype}")
-    e = e.float().reshape(-1) if e.dim() == 2 and e.shape[0] == 1 else e.float()
-    if e.dim() != 1 or e.numel() != dim:
-        raise ValueError(f"{what}: expected {dim} floats, got shape {tuple(e.shape)}")
-    if not torch.isfinite(e).all():
-        raise ValueError(f"{what}: holds NaN or infinite values")
-    return e
 
 
 def init_random_weights(model: nn.Module, seed: int) -> None:
@@ -189,7 +170,7 @@ class MioCodecDecoder:
         return _as_token_tensor(tokens, self.codebook_size, what)
 
     def validate_embedding(self, embedding: object, what: str = "global_embedding") -> torch.Tensor:
-        return _as_embedding(embedding, self.embedding_dim, what)
+        return check_embedding(embedding, self.embedding_dim, what)
 
     # ---- decoding ---------------------------------------------------------------------------
     def _autocast(self):

@@ -17,6 +17,26 @@ BUILTIN_PRESETS_DIR = Path(__file__).with_name("presets")
 VOICE_SUFFIXES = (".pt", ".npy", ".safetensors")
 
 
+def check_embedding(embedding: object, dim: int, what: str = "global_embedding") -> torch.Tensor:
+    """A speaker embedding as `dim` finite float32 values; ValueError naming `what` otherwise."""
+    try:
+        e = torch.as_tensor(
+            embedding.detach().cpu()
+            if isinstance(embedding, torch.Tensor)
+            else np.asarray(embedding)
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: expected {dim} floats ({err})") from err
+    if not (e.dtype.is_floating_point or e.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{what}: expected {dim} floats, got dtype {e.dtype}")
+    e = e.float().reshape(-1) if e.dim() == 2 and e.shape[0] == 1 else e.float()
+    if e.dim() != 1 or e.numel() != dim:
+        raise ValueError(f"{what}: expected {dim} floats, got shape {tuple(e.shape)}")
+    if not torch.isfinite(e).all():
+        raise ValueError(f"{what}: holds NaN or infinite values")
+    return e
+
+
 def load_voice_file(path: str | Path, dim: int = EMBEDDING_DIM) -> torch.Tensor:
     """Read one embedding file; ValueError naming the file and the problem."""
     path = Path(path)
@@ -41,16 +61,7 @@ def load_voice_file(path: str | Path, dim: int = EMBEDDING_DIM) -> torch.Tensor:
         raise ValueError(f"voice file {path}: cannot read it ({err})") from err
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"voice file {path}: holds a {type(value).__name__}, not a tensor")
-    value = (
-        value.detach().float().reshape(-1) if value.dim() == 2 and value.shape[0] == 1 else value
-    )
-    if value.dim() != 1 or value.numel() != dim:
-        raise ValueError(
-            f"voice file {path}: expected {dim} floats, got shape {tuple(value.shape)}"
-        )
-    if not torch.isfinite(value).all():
-        raise ValueError(f"voice file {path}: holds NaN or infinite values")
-    return value.float().contiguous()
+    return check_embedding(value, dim, f"voice file {path}").contiguous()
 
 
 class VoiceLibrary:
