@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         "--codec",
         default=None,
         help="MioCodec checkpoint: a folder (config.yaml + model.safetensors) or a\n"
-        "Hugging Face id (default: full-size 24 kHz architecture, random weights)",
+        "Hugging Face id; random-24khz / random-44khz: the released architecture with\n"
+        "random weights (default: random-24khz)",
     )
     p.add_argument(
         "--device",
@@ -70,6 +71,19 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         help="model name on that server (default: the first of /v1/models)",
     )
     p.add_argument("--llm-api-key", default=None, help="bearer token for that server, if any")
+    p.add_argument(
+        "--llm-standin-rate",
+        type=float,
+        default=None,
+        help="load tests: instead of an LLM, a stand-in that writes random speech codes at\n"
+        "this many per second per request (noise of the right length, not speech)",
+    )
+    p.add_argument(
+        "--llm-standin-prefill-ms",
+        type=float,
+        default=d.llm_standin_prefill_ms,
+        help=f"the stand-in's delay before its first code (default {d.llm_standin_prefill_ms:g})",
+    )
     engine = p.add_argument_group("in-process vLLM engine")
     engine.add_argument(
         "--max-model-len",
@@ -115,6 +129,13 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         type=int,
         default=d.max_batch,
         help=f"decode windows per batched step, all streams (default {d.max_batch})",
+    )
+    p.add_argument(
+        "--codec-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default=d.codec_dtype,
+        help="codec compute precision (default auto: bfloat16 autocast on CUDA as upstream,\n"
+        "float32 on CPU; float32 on CUDA uses TF32 matrix units)",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = p.parse_args(argv)

@@ -74,13 +74,13 @@ def test_cost_is_constant_along_the_utterance(full_decoder, monkeypatch):
     """No prefix re-decoding: every window in the middle of a 64 s utterance has the same
     length, so a chunk at the 60th second costs what one at the 2nd costs."""
     windows = []
-    real_run_batch = full_decoder.run_batch
+    real_trunk = full_decoder.model.trunk
 
-    def recording_run_batch(tokens, embeddings, group_stats=None, lengths=None):
-        windows.append((len(tokens[0]), lengths[0]))
-        return real_run_batch(tokens, embeddings, group_stats, lengths)
+    def recording_trunk(tokens, speaker, valid, group_stats=None):
+        windows.append((tokens.shape[1], int(valid[0].sum())))
+        return real_trunk(tokens, speaker, valid, group_stats)
 
-    monkeypatch.setattr(full_decoder, "run_batch", recording_run_batch)
+    monkeypatch.setattr(full_decoder.model, "trunk", recording_trunk)
     stream = full_decoder.stream(torch.zeros(128))
     audio = stream.push(torch.zeros(25 * 64, dtype=torch.long)) + stream.finish()
     assert sum(c.numel() for c in audio) == 25 * 64 * full_decoder.samples_per_token

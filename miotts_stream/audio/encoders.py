@@ -82,6 +82,12 @@ class AudioEncoder:
         self.resampler = StreamingResampler(codec_rate, out_rate)
         self.samples_out = 0
 
+    @property
+    def costly(self) -> bool:
+        """Whether encoding a chunk takes long enough (resampling, Opus: milliseconds) to be
+        worth running off the event loop."""
+        return not self.resampler.identity or self.encoding in (Encoding.OPUS, Encoding.OGG_OPUS)
+
     def encode(self, samples: np.ndarray) -> EncodedAudio:
         resampled = self.resampler.process(samples)
         self.samples_out += len(resampled)

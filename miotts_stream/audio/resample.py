@@ -21,6 +21,10 @@ class StreamingResampler:
             else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
         )
 
+    @property
+    def identity(self) -> bool:
+        return self._stream is None
+
     def process(self, samples: np.ndarray) -> np.ndarray:
         samples = np.ascontiguousarray(samples, dtype=np.float32)
         if self._stream is None:

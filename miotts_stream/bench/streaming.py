@@ -213,7 +213,7 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
         for _ in range(repeats):
             for s in streams:
                 s.emitted_tokens = 100
-                s.tail = None
+                s.has_tail = False
             start = time.perf_counter()
             produced = decode_step(decoder, streams)
             times.append(time.perf_counter() - start)

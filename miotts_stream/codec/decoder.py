@@ -25,7 +25,7 @@ from .model import MioCodecDecoderModel
 from .voices import check_embedding
 
 if TYPE_CHECKING:
-    from .streaming import PlaybackClock, StreamingOptions, TokenStreamDecoder
+    from .streaming import PlaybackClock, StreamingOptions, StreamSlots, TokenStreamDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,16 @@ class MioCodecDecoder:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype: unsupported compute dtype {dtype}")
         self.compute_dtype = dtype
+        if self.device.type == "cuda" and dtype == torch.float32:
+            # float32 weights and activations, matrix products on TF32 units: near-fp32 output
+            # at about bf16's speed for this decoder's sizes.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.config: CodecConfig = model.cfg
         self.source = source
         self.random_weights = random_weights
+        self._stream_slots: StreamSlots | None = None
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -173,7 +179,8 @@ class MioCodecDecoder:
         return check_embedding(embedding, self.embedding_dim, what)
 
     # ---- decoding ---------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The compute precision's autocast context (none for float32)."""
         if self.compute_dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
@@ -204,7 +211,7 @@ class MioCodecDecoder:
             torch.set_flush_denormal(True)
         padded = padded.to(self.device, non_blocking=True)
         speaker = speaker.to(self.device, dtype=torch.float32, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             waves = self.model(padded, speaker, lengths, group_stats)
         return [w.float().cpu() for w in waves]
 
@@ -246,6 +253,15 @@ class MioCodecDecoder:
         from .streaming import TokenStreamDecoder
 
         return TokenStreamDecoder(self, self.validate_embedding(global_embedding), options, clock)
+
+    @property
+    def stream_slots(self) -> StreamSlots:
+        """Device-side state of this decoder's streams (GroupNorm sums, crossfade tails)."""
+        if self._stream_slots is None:
+            from .streaming import StreamSlots
+
+            self._stream_slots = StreamSlots.for_decoder(self)
+        return self._stream_slots
 
     def describe(self) -> str:
         weights = "RANDOM WEIGHTS (not a trained codec)" if self.random_weights else self.source

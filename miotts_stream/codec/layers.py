@@ -421,3 +421,46 @@ class ISTFTHead(nn.Module):
             envelope = self._envelope(count, x.device)
             waves.append((summed / envelope)[trim : trim + count * self.hop])
         return waves
+
+    def forward_ranges(
+        self,
+        x: torch.Tensor,
+        frame_counts: torch.Tensor,
+        first_frame: torch.Tensor,
+        sample_begin: torch.Tensor,
+        width: int,
+        frames: int,
+    ) -> torch.Tensor:
+        """Samples [sample_begin[i], sample_begin[i] + width) of each item's waveform, computing
+        only the `frames` frames from `first_frame[i]` on (see `frames_for_range`).
+
+        Streaming keeps a short chunk of a long window; the head is a per-frame projection plus
+        an overlap-add, so the frames that do not reach the chunk need not be computed at all.
+        x: (B, T, dim); frame_counts, first_frame, sample_begin: (B,) int64 on x's device.
+        Equals slicing `forward`'s waveforms ("same" padding only). Positions past an item's
+        own length come out as zeros.
+        """
+        if self.padding != "same":
+            raise ValueError("forward_ranges: only the 'same' iSTFT padding is supported")
+        _batch, length, dim = x.shape
+        index = first_frame[:, None] + torch.arange(frames, device=x.device)[None, :]
+        frame_ok = (index >= 0) & (index < frame_counts[:, None])
+        gathered = x.gather(1, index.clamp(0, length - 1)[..., None].expand(-1, -1, dim))
+        spec = self.spectrum(gathered)
+        mask = frame_ok[:, None, :].float()
+        window = self.window.to(x.device)[None, :, None]
+        summed = self._overlap_add(torch.fft.irfft(spec, self.n_fft, dim=1) * window * mask, frames)
+        envelope = self._overlap_add(window.square() * mask, frames)
+        trim = (self.n_fft - self.hop) // 2
+        local = (sample_begin + trim - first_frame * self.hop)[:, None] + torch.arange(
+            width, device=x.device
+        )[None, :]
+        local = local.clamp(0, summed.shape[1] - 1)
+        return summed.gather(1, local) / envelope.gather(1, local).clamp_min(1e-11)
+
+    def frames_for_range(self, sample_begin: int, width: int) -> tuple[int, int]:
+        """(first frame, frame count) whose overlap-add covers samples [begin, begin + width)."""
+        trim = (self.n_fft - self.hop) // 2
+        first = (sample_begin + trim - self.n_fft) // self.hop + 1
+        last = (sample_begin + trim + width - 1) // self.hop
+        return first, last - first + 1

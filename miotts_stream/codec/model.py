@@ -103,6 +103,46 @@ class MioCodecDecoderModel(nn.Module):
             norm.frames_per_token = frames_per_token
         self.group_norms = [norm for norm, _ in norms]
 
+    def trunk(
+        self,
+        tokens: torch.Tensor,
+        speaker: torch.Tensor,
+        valid: torch.Tensor,
+        group_stats: GroupStats | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything up to the iSTFT head, for a padded batch.
+
+        tokens: (B, T) int64; speaker: (B, D) float; valid: (B, T) bool, real tokens.
+        Returns the head's input (B, T * head frames per token, C) and its valid mask.
+        `group_stats` replaces the GroupNorm statistics (streaming decode).
+        """
+        cfg = self.cfg
+        condition = speaker[:, None, :]
+        x = self.local_quantizer(tokens.masked_fill(~valid, 0))
+        x = zero_invalid(self.wave_prenet(x, valid), valid, 1)
+
+        x = x.transpose(1, 2)  # (B, C, T): convolutional layout from here on
+        if self.wave_conv_upsample is not None:
+            x = self.wave_conv_upsample(x)
+            valid = valid.repeat_interleave(cfg.wave_upsample_factor, dim=1)
+        # Upstream linearly interpolates to the STFT frame count; for every geometry the config
+        # check admits, that is the identity (frames == tokens * upsample factor), so we skip it.
+        x = zero_invalid(x, valid, 2)
+
+        x = self.wave_prior_net(x, valid, group_stats)
+        x = self.wave_decoder(x.transpose(1, 2), valid, condition)
+        x = zero_invalid(x, valid, 1).transpose(1, 2)
+        x = self.wave_post_net(x, valid, group_stats)
+
+        if self.wave_upsampler is not None:
+            return self.wave_upsampler(x, valid, group_stats)
+        return x.transpose(1, 2), valid
+
+    @property
+    def head_frames_per_token(self) -> int:
+        factor = self.wave_upsampler.total_factor if self.wave_upsampler is not None else 1
+        return self.cfg.wave_upsample_factor * factor
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -114,7 +154,7 @@ class MioCodecDecoderModel(nn.Module):
 
         tokens: (B, T) int64, padded after each item's length; speaker: (B, D) float;
         lengths: tokens per item. Returns one float32 waveform per item, samples_per_token *
-        lengths[i] long. `group_stats` replaces the GroupNorm statistics (streaming decode).
+        lengths[i] long.
         """
         cfg = self.cfg
         max_len = tokens.shape[1]
@@ -122,30 +162,7 @@ class MioCodecDecoderModel(nn.Module):
             torch.arange(max_len, device=tokens.device)[None, :]
             < torch.tensor(lengths, device=tokens.device)[:, None]
         )
-        condition = speaker[:, None, :]
-
-        x = self.local_quantizer(tokens.masked_fill(~valid, 0))
-        x = zero_invalid(self.wave_prenet(x, valid), valid, 1)
-
-        x = x.transpose(1, 2)  # (B, C, T): convolutional layout from here on
-        if self.wave_conv_upsample is not None:
-            x = self.wave_conv_upsample(x)
-            valid = valid.repeat_interleave(cfg.wave_upsample_factor, dim=1)
         frames = [cfg.stft_frames(cfg.audio_length(n)) for n in lengths]
-        # Upstream linearly interpolates to `frames`; for every geometry the config check
-        # admits, that is the identity (frames == tokens * upsample factor), so we skip it.
         assert all(f == n * cfg.wave_upsample_factor for f, n in zip(frames, lengths, strict=True))
-        x = zero_invalid(x, valid, 2)
-
-        x = self.wave_prior_net(x, valid, group_stats)
-        x = self.wave_decoder(x.transpose(1, 2), valid, condition)
-        x = zero_invalid(x, valid, 1).transpose(1, 2)
-        x = self.wave_post_net(x, valid, group_stats)
-
-        head_frames = frames
-        if self.wave_upsampler is not None:
-            x, valid = self.wave_upsampler(x, valid, group_stats)
-            head_frames = [f * self.wave_upsampler.total_factor for f in frames]
-        else:
-            x = x.transpose(1, 2)
-        return self.istft_head(x, head_frames)
+        x, _ = self.trunk(tokens, speaker, valid, group_stats)
+        return self.istft_head(x, [n * self.head_frames_per_token for n in lengths])

@@ -11,22 +11,25 @@ The GroupNorm statistics, which offline decoding takes over the whole utterance,
 accumulated over everything decoded so far (see `GroupNormAccumulator`), which closes most of
 the gap between windowed and offline decoding.
 
-State is explicit and per stream (`TokenStreamDecoder`), in the manner of Kyutai's moshi
-streaming modules: tokens received, samples emitted, the crossfade tail, the GroupNorm sums.
-A window is planned by the stream (`next_window`), decoded by anyone (alone, or batched with
-other streams' windows by `decode_windows`), and applied back to its stream (`apply`).
+State is explicit and per stream, in the manner of Kyutai's moshi streaming modules. Each
+stream (`TokenStreamDecoder`) owns its host-side state (tokens received, samples emitted) and one
+slot of `StreamSlots`, the decoder's device-side state: the GroupNorm sums and the crossfade
+tail, preallocated per stream and updated where the decode runs. A window is planned by its
+stream (`next_window`), decoded by anyone (alone, or batched with other streams' windows by
+`forward_windows`, which also does the numeric part of applying it: crossfade, statistics), and
+applied back to its stream (`apply`, host bookkeeping only). A batched step uploads one tensor
+and downloads one: the chunks' samples and a finiteness flag per window.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-
-from .layers import masked_group_stats
 
 if TYPE_CHECKING:
     from .decoder import MioCodecDecoder
@@ -78,92 +81,129 @@ class StreamingOptions:
         return self.left_context_tokens + chunk + self.lookahead_tokens
 
 
-# ---- GroupNorm statistics while streaming ----------------------------------------------------
+# ---- device-side streaming state ------------------------------------------------------------
 
 
-class GroupNormAccumulator:
-    """Per-layer running sums (count, sum, sum of squares) per group, in float64.
+class StreamSlots:
+    """The streaming state of all streams of one decoder that lives on the decode device.
 
-    A window's statistics combine the sums committed by earlier windows (every frame before the
-    chunk, each counted once) with the window's own frames from the chunk start to its end.
-    So each window normalises with the statistics of the whole utterance decoded so far.
+    Per slot: GroupNorm sums (count, sum, sum of squares per layer and group, float64) over
+    everything the stream has decoded so far, and the crossfade tail (samples past the last
+    chunk). Slots are handed out on the caller's thread (`acquire` / `release`); the tensors are
+    only read, written and grown by whoever runs the forward (`forward_windows`), so a decode
+    thread needs no lock for them. A slot's contents are never read before its stream's first
+    window overwrites them, so a released slot needs no clearing.
     """
 
-    def __init__(self) -> None:
-        self.sums: dict[int, torch.Tensor] = {}  # layer -> (3, G): count, sum, sum of squares
+    def __init__(self, group_counts: Sequence[int], tail_samples: int, device, capacity: int = 64):
+        self.group_counts = list(group_counts)
+        self.max_groups = max(self.group_counts, default=1)
+        self.tail_samples = tail_samples
+        self.device = torch.device(device)
+        self.capacity = 0
+        self.norm_sums = torch.zeros(0, len(self.group_counts), 3, self.max_groups)
+        self.tails = torch.zeros(0, tail_samples)
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._issued = 0  # slots ever handed out: ids 0 .. issued - 1
+        self.ensure_capacity(capacity)
 
-    def prior(self, layer: int, groups: int, device: torch.device) -> torch.Tensor:
-        value = self.sums.get(layer)
-        if value is None:
-            return torch.zeros(3, groups, dtype=torch.float64, device=device)
-        return value.to(device)
+    @classmethod
+    def for_decoder(cls, decoder: MioCodecDecoder) -> StreamSlots:
+        counts = [norm.num_groups for norm in decoder.model.group_norms]
+        return cls(counts, decoder.samples_per_token, decoder.device)
 
-    def commit(self, layer: int, sums: torch.Tensor) -> None:
-        sums = sums.detach().to("cpu", torch.float64)
-        self.sums[layer] = self.sums[layer] + sums if layer in self.sums else sums
+    def acquire(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self._issued += 1
+            return self._issued - 1
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return self._issued - len(self._free)
+
+    def ensure_capacity(self, slots: int) -> None:
+        """Grows the tensors to hold `slots` slots (doubling); decode side only."""
+        if slots <= self.capacity:
+            return
+        capacity = max(slots, 2 * self.capacity)
+        sums = torch.zeros(
+            capacity, len(self.group_counts), 3, self.max_groups, dtype=torch.float64
+        ).to(self.device)
+        tails = torch.zeros(capacity, self.tail_samples).to(self.device)
+        sums[: self.capacity] = self.norm_sums
+        tails[: self.capacity] = self.tails
+        self.norm_sums, self.tails, self.capacity = sums, tails, capacity
 
 
-def _region_sums(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(count, sum, sum of squares) per item and group over weighted frames -> (B, 3, G)."""
-    batch, channels, _ = x.shape
-    grouped = x.float().reshape(batch, groups, channels // groups, -1)
-    w = weight[:, None, None, :].to(grouped.dtype)
-    count = (w.sum(dim=(2, 3)) * (channels // groups)).expand(-1, groups)
-    total = (grouped * w).sum(dim=(2, 3))
-    squares = (grouped.square() * w).sum(dim=(2, 3))
-    return torch.stack((count, total, squares), dim=1).double()
+def _region_sums(x: torch.Tensor, weights: torch.Tensor, groups: int) -> torch.Tensor:
+    """(count, sum, sum of squares) per item, region and group over weighted frames.
+
+    x: (B, C, T); weights: (B, R, T), one row per region -> (B, R, 3, G) in float64.
+    """
+    batch, channels, length = x.shape
+    per_group = channels // groups
+    grouped = x.float().reshape(batch, groups, per_group, length)
+    total = torch.einsum("bgt,brt->brg", grouped.sum(dim=2), weights)
+    squares = torch.einsum("bgt,brt->brg", grouped.square().sum(dim=2), weights)
+    count = (weights.sum(dim=2, keepdim=True) * per_group).expand_as(total)
+    return torch.stack((count, total, squares), dim=2).double()
 
 
-class WindowGroupStats:
-    """GroupNorm statistics provider for a batch of streaming windows.
+class SlotGroupStats:
+    """GroupNorm statistics for a batch of streaming windows, from and into `StreamSlots`.
 
-    For item i, frames in [new_start[i], end) (token offsets in its window) are combined with
-    the accumulator's prior sums; frames in [new_start[i], commit_end[i]) are recorded to be
-    committed once the window's chunk is accepted. Items without an accumulator use their own
-    valid frames, as offline decoding does.
+    For item i, frames from `new_start[i]` (token offset in its window) to the window's end are
+    combined with its slot's sums (unless it is its stream's first window); the frames in
+    [new_start[i], commit_end[i]) are summed to be committed once the step succeeds. So each
+    window normalises with the statistics of the whole utterance decoded so far, and every frame
+    is counted once, from the window whose chunk it belongs to.
     """
 
     def __init__(
         self,
-        accumulators: Sequence[GroupNormAccumulator | None],
-        new_start: Sequence[int],
-        commit_end: Sequence[int],
+        slots: StreamSlots,
+        slot_index: torch.Tensor,
+        new_start: torch.Tensor,
+        commit_end: torch.Tensor,
+        use_prior: torch.Tensor,
     ):
-        self.accumulators = list(accumulators)
-        self.new_start = torch.tensor(list(new_start))
-        self.commit_end = torch.tensor(list(commit_end))
-        self.pending: dict[int, torch.Tensor] = {}  # layer -> (B, 3, G) sums to commit
+        self.slots = slots
+        self.slot_index = slot_index
+        self.new_start = new_start
+        self.commit_end = commit_end
+        self.use_prior = use_prior.double()
+        self.pending = torch.zeros(
+            len(slot_index), len(slots.group_counts), 3, slots.max_groups, dtype=torch.float64
+        ).to(slot_index.device)
 
     def __call__(
         self, layer: int, x: torch.Tensor, valid: torch.Tensor, frames_per_token: int, groups: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        length = x.shape[-1]
-        frame = torch.arange(length, device=x.device)[None, :]
-        start = (self.new_start.to(x.device) * frames_per_token)[:, None]
-        stop = (self.commit_end.to(x.device) * frames_per_token)[:, None]
-        new_region = valid & (frame >= start)
-        commit_region = new_region & (frame < stop)
-        window_sums = _region_sums(x, new_region, groups)
-        self.pending[layer] = _region_sums(x, commit_region, groups)
-        priors = torch.stack(
-            [
-                acc.prior(layer, groups, x.device)
-                if acc is not None
-                else torch.zeros(3, groups, dtype=torch.float64, device=x.device)
-                for acc in self.accumulators
-            ]
-        )
-        count, total, squares = (priors + window_sums).unbind(dim=1)
+        frame = torch.arange(x.shape[-1], device=x.device)[None, :]
+        new_region = valid & (frame >= (self.new_start * frames_per_token)[:, None])
+        commit_region = new_region & (frame < (self.commit_end * frames_per_token)[:, None])
+        weights = torch.stack((new_region, commit_region), dim=1).float()
+        window_sums, commit_sums = _region_sums(x, weights, groups).unbind(dim=1)
+        self.pending[:, layer, :, :groups] = commit_sums
+        prior = self.slots.norm_sums[self.slot_index, layer, :, :groups]
+        prior = prior * self.use_prior[:, None, None]
+        count, total, squares = (prior + window_sums).unbind(dim=1)
         mean = total / count
-        means = mean.float()
-        variances = (squares / count - mean.square()).clamp_min(0).float()
-        if any(acc is None for acc in self.accumulators):
-            # Window-only items: their own valid frames, as offline decoding does.
-            own_mean, own_var = masked_group_stats(x, valid, groups)
-            for i, acc in enumerate(self.accumulators):
-                if acc is None:
-                    means[i], variances[i] = own_mean[i], own_var[i]
-        return means, variances
+        variance = (squares / count - mean.square()).clamp_min(0)
+        return mean.float(), variance.float()
+
+    def commit(self) -> None:
+        sums = self.slots.norm_sums
+        keep = self.use_prior[:, None, None, None]
+        sums[self.slot_index] = sums[self.slot_index] * keep + self.pending
 
 
 # ---- one stream --------------------------------------------------------------------------
@@ -175,15 +215,25 @@ class DecodeWindow:
     is emitted."""
 
     stream: TokenStreamDecoder
-    tokens: torch.Tensor
     start: int
     chunk_start: int
     chunk_end: int
     stop: int
+    slot: int  # the stream's device slot, as of planning
+    fade_samples: int  # crossfade with the slot's tail over this many samples (0: none)
 
     @property
     def length(self) -> int:
         return self.stop - self.start
+
+    @property
+    def chunk_samples(self) -> int:
+        return (self.chunk_end - self.chunk_start) * self.stream.samples_per_token
+
+    @property
+    def keeps_tail(self) -> bool:
+        """Whether the window reaches past its chunk far enough to crossfade the next seam."""
+        return self.stop > self.chunk_end and self.stream.crossfade_samples > 0
 
 
 class TokenStreamDecoder:
@@ -191,6 +241,8 @@ class TokenStreamDecoder:
 
     `push(tokens)` returns the audio chunks ready now (possibly none); `finish()` returns the
     rest. Together they emit exactly samples_per_token * len(all tokens) samples, in order.
+    The stream holds a slot of the decoder's `StreamSlots` from its first window until it is
+    done or `close()`d.
     """
 
     def __init__(
@@ -209,12 +261,12 @@ class TokenStreamDecoder:
             self.samples_per_token,
             round(self.options.crossfade_ms * decoder.sample_rate / 1000),
         )
-        # --- streaming state ---
+        # --- streaming state (host side; the device side is in slot `slot`) ---
         self.tokens: list[int] = []
         self.emitted_tokens = 0  # tokens whose samples have been emitted
         self.finished = False
-        self.tail: torch.Tensor | None = None  # previous window's samples past its chunk
-        self.norm_stats = GroupNormAccumulator()
+        self.has_tail = False  # the slot holds a crossfade tail for the next chunk
+        self.slot: int | None = None
 
     # ---- input ---------------------------------------------------------------------------
     def push_tokens(self, tokens: Sequence[int] | torch.Tensor) -> None:
@@ -223,8 +275,16 @@ class TokenStreamDecoder:
             raise RuntimeError("stream: push after finish()")
         if len(tokens) == 0:
             return
-        checked = self.decoder.validate_tokens(tokens, "tokens")
-        self.tokens.extend(checked.tolist())
+        if type(tokens) is list and all(type(t) is int for t in tokens):
+            # The fast path for what token sources hand over: plain ints, range-checked here.
+            low, high = min(tokens), max(tokens)
+            if low < 0 or high >= self.decoder.codebook_size:
+                bad = low if low < 0 else high
+                limit = self.decoder.codebook_size - 1
+                raise ValueError(f"tokens: token id {bad} is outside 0..{limit}")
+            self.tokens.extend(tokens)
+            return
+        self.tokens.extend(self.decoder.validate_tokens(tokens, "tokens").tolist())
 
     def mark_finished(self) -> None:
         self.finished = True
@@ -236,6 +296,12 @@ class TokenStreamDecoder:
     @property
     def done(self) -> bool:
         return self.finished and self.emitted_tokens == len(self.tokens)
+
+    def close(self) -> None:
+        """Gives the device slot back (idempotent; done streams give it back by themselves)."""
+        if self.slot is not None:
+            self.decoder.stream_slots.release(self.slot)
+            self.slot = None
 
     # ---- planning ------------------------------------------------------------------------
     def _deadline_near(self) -> bool:
@@ -266,38 +332,27 @@ class TokenStreamDecoder:
             chunk = min(chunk, max(surplus - opts.lookahead_tokens, opts.first_chunk_tokens))
             chunk_end = start + min(chunk, surplus)
         stop = min(available, chunk_end + opts.lookahead_tokens)
-        window_start = max(0, start - opts.left_context_tokens)
+        if self.slot is None:
+            self.slot = self.decoder.stream_slots.acquire()
         return DecodeWindow(
             stream=self,
-            tokens=torch.tensor(self.tokens[window_start:stop], dtype=torch.long),
-            start=window_start,
+            start=max(0, start - opts.left_context_tokens),
             chunk_start=start,
             chunk_end=chunk_end,
             stop=stop,
+            slot=self.slot,
+            fade_samples=self.crossfade_samples if self.has_tail else 0,
         )
 
     # ---- applying a decoded window -------------------------------------------------------
-    def apply(
-        self, window: DecodeWindow, samples: torch.Tensor, stats: torch.Tensor
-    ) -> torch.Tensor:
-        """Accept a decoded window: commit its GroupNorm sums and return its chunk's audio.
-
-        samples: the window's waveform; stats: {layer: (3, G)} sums of the chunk's frames.
-        """
+    def apply(self, window: DecodeWindow, audio: torch.Tensor) -> torch.Tensor:
+        """Accept a decoded window's chunk (already crossfaded, statistics already committed
+        by `forward_windows`): advance the stream. Returns the chunk."""
         assert window.chunk_start == self.emitted_tokens, "windows must be applied in order"
-        spt = self.samples_per_token
-        begin = (window.chunk_start - window.start) * spt
-        end = (window.chunk_end - window.start) * spt
-        audio = samples[begin:end].clone()
-        if self.tail is not None:
-            overlap = min(self.tail.numel(), audio.numel())
-            fade_in = _fade_in(overlap)
-            audio[:overlap] = self.tail[:overlap] * (1 - fade_in) + audio[:overlap] * fade_in
-        extra = samples[end : end + self.crossfade_samples]
-        self.tail = extra.clone() if extra.numel() == self.crossfade_samples > 0 else None
-        for layer, sums in stats.items():
-            self.norm_stats.commit(layer, sums)
         self.emitted_tokens = window.chunk_end
+        self.has_tail = window.keeps_tail
+        if self.done:
+            self.close()
         return audio
 
     # ---- convenience: decode alone -------------------------------------------------------
@@ -318,18 +373,11 @@ class TokenStreamDecoder:
         return self._drain()
 
 
-_FADES: dict[int, torch.Tensor] = {}
-
-
-def _fade_in(length: int) -> torch.Tensor:
-    """Raised-cosine ramp; with its complement it sums to one (correlated signals)."""
-    if length not in _FADES:
-        n = torch.arange(length, dtype=torch.float32)
-        _FADES[length] = 0.5 - 0.5 * torch.cos(math.pi * (n + 0.5) / max(length, 1))
-    return _FADES[length]
-
-
 # ---- batching across streams ------------------------------------------------------------
+
+
+class NonFiniteAudio(ValueError):
+    """A window decoded to NaN or infinite samples."""
 
 
 @dataclass
@@ -337,48 +385,124 @@ class DecodedWindows:
     """The result of one batched forward, to be applied to the windows' streams in order."""
 
     windows: list[DecodeWindow]
-    waves: list[torch.Tensor]
-    norm_sums: dict[int, torch.Tensor]  # layer -> (B, 3, G) GroupNorm sums of each chunk
+    chunks: list[torch.Tensor]  # each window's chunk, crossfaded, on the CPU
+    finite: list[bool]
 
     def apply(self) -> list[torch.Tensor]:
-        """Hand each window's output to its stream; returns the audio chunks, in order."""
-        return [
-            w.stream.apply(w, wave, {layer: sums[i] for layer, sums in self.norm_sums.items()})
-            for i, (w, wave) in enumerate(zip(self.windows, self.waves, strict=True))
-        ]
+        """Hand each window's chunk to its stream; returns the chunks, in order.
+
+        Raises `NonFiniteAudio` for a window whose samples are not all finite (apply the
+        others with `apply_one` to keep them going)."""
+        return [self.apply_one(i) for i in range(len(self.windows))]
+
+    def apply_one(self, index: int) -> torch.Tensor:
+        if not self.finite[index]:
+            raise NonFiniteAudio("decoding produced non-finite samples")
+        window = self.windows[index]
+        return window.stream.apply(window, self.chunks[index])
+
+
+# Input columns after the tokens and the speaker embedding, one row per window.
+_META = ("length", "new_start", "commit_end", "slot", "use_prior", "frame_count", "first_frame")
+_META += ("sample_begin", "chunk_samples", "fade_samples", "tail_from")
 
 
 def forward_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -> DecodedWindows:
-    """Decode windows of different streams in one forward, without touching stream state
-    (so it can run on a worker thread while the streams keep receiving tokens).
+    """Decode windows of different streams in one forward, crossfade their chunks and commit
+    their statistics into the streams' slots; the streams' host state is left to `apply`.
 
+    Runs on any thread (the service's decode thread), while the streams keep receiving tokens.
     At most one window per stream (a stream's next window needs this one's statistics).
-    Windows are padded to a fixed bucket length, so shapes repeat from step to step.
+    Windows are padded to a fixed bucket length, so shapes repeat from step to step. Nothing is
+    changed if the forward raises, so a failed step can be retried with fewer windows.
     """
     if len({id(w.stream) for w in windows}) != len(windows):
         raise ValueError("forward_windows: at most one window per stream per step")
+    slots = decoder.stream_slots
+    model = decoder.model
+    head = model.istft_head
+    spt = decoder.samples_per_token
+    head_rate = model.head_frames_per_token
     bucket = windows[0].stream.options.window_bucket_tokens
-    longest = max(w.length for w in windows)
-    padded_length = bucket * math.ceil(longest / bucket)
-    tokens = []
-    for w in windows:
-        pad = torch.zeros(padded_length - w.length, dtype=torch.long)
-        tokens.append(torch.cat((w.tokens, pad)))
-    provider = WindowGroupStats(
-        [
-            w.stream.norm_stats if w.stream.options.groupnorm_stats == "accumulated" else None
-            for w in windows
-        ],
-        [w.chunk_start - w.start for w in windows],
-        [w.chunk_end - w.start for w in windows],
+    padded_length = bucket * math.ceil(max(w.length for w in windows) / bucket)
+    width = max(w.chunk_samples + w.stream.crossfade_samples for w in windows)
+    ranges = [head.frames_for_range((w.chunk_start - w.start) * spt, width) for w in windows]
+    frames = max(count for _, count in ranges)
+
+    # One upload: speaker embeddings, tokens and the per-window numbers in one float32 tensor
+    # (token ids and offsets are integers far below 2**24, exact in float32).
+    dim = decoder.embedding_dim
+    packed = torch.zeros(len(windows), dim + padded_length + len(_META))
+    for i, (w, (first_frame, _)) in enumerate(zip(windows, ranges, strict=True)):
+        stream = w.stream
+        accumulate = stream.options.groupnorm_stats == "accumulated"
+        packed[i, :dim] = stream.embedding
+        packed[i, dim : dim + w.length] = torch.tensor(stream.tokens[w.start : w.stop])
+        packed[i, dim + padded_length :] = torch.tensor(
+            (
+                w.length,
+                w.chunk_start - w.start if accumulate else 0,
+                w.chunk_end - w.start,
+                w.slot,
+                1 if accumulate and w.chunk_start > 0 else 0,
+                w.length * head_rate,
+                first_frame,
+                (w.chunk_start - w.start) * spt,
+                w.chunk_samples,
+                w.fade_samples,
+                w.chunk_samples,
+            ),
+            dtype=torch.float32,
+        )
+    slots.ensure_capacity(max(w.slot for w in windows) + 1)
+    chunks, finite = _run_windows(decoder, packed.to(decoder.device), padded_length, width, frames)
+    host = torch.cat((chunks, finite[:, None].float()), dim=1).cpu()  # the one download
+    return DecodedWindows(
+        list(windows),
+        [host[i, : w.chunk_samples] for i, w in enumerate(windows)],
+        [bool(flag) for flag in host[:, -1]],
     )
-    waves = decoder.run_batch(
-        tokens,
-        [w.stream.embedding for w in windows],
-        group_stats=provider,
-        lengths=[w.length for w in windows],
+
+
+@torch.inference_mode()
+def _run_windows(
+    decoder: MioCodecDecoder, packed: torch.Tensor, padded_length: int, width: int, frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device part of a step: (chunks (B, width), finite (B,)), slots updated."""
+    slots = decoder.stream_slots
+    dim = decoder.embedding_dim
+    speaker = packed[:, :dim]
+    tokens = packed[:, dim : dim + padded_length].long()
+    meta = dict(zip(_META, packed[:, dim + padded_length :].long().unbind(dim=1), strict=True))
+    positions = torch.arange(padded_length, device=packed.device)[None, :]
+    valid = positions < meta["length"][:, None]
+    stats = SlotGroupStats(
+        slots, meta["slot"], meta["new_start"], meta["commit_end"], meta["use_prior"]
     )
-    return DecodedWindows(list(windows), waves, provider.pending)
+    if decoder.device.type == "cpu":
+        torch.set_flush_denormal(True)  # see MioCodecDecoder.run_batch
+    with decoder.autocast():
+        x, _ = decoder.model.trunk(tokens, speaker, valid, stats)
+        samples = decoder.model.istft_head.forward_ranges(
+            x, meta["frame_count"], meta["first_frame"], meta["sample_begin"], width, frames
+        ).float()
+
+    # Crossfade each chunk's start with the tail its stream's previous window left.
+    n = torch.arange(width, device=packed.device)[None, :]
+    fade_len = meta["fade_samples"][:, None]
+    in_fade = n < fade_len
+    fade_in = 0.5 - 0.5 * torch.cos(math.pi * (n + 0.5) / fade_len.clamp_min(1))
+    tail_positions = n.clamp(max=slots.tail_samples - 1).expand(len(packed), -1)
+    previous = slots.tails[meta["slot"]].gather(1, tail_positions)
+    chunks = torch.where(in_fade, previous * (1 - fade_in) + samples * fade_in, samples)
+    in_chunk = n < meta["chunk_samples"][:, None]
+    finite = torch.where(in_chunk, torch.isfinite(chunks), True).all(dim=1)
+
+    # The samples past the chunk become the stream's next tail; statistics are committed.
+    tail_index = meta["tail_from"][:, None] + torch.arange(slots.tail_samples, device=n.device)
+    slots.tails[meta["slot"]] = samples.gather(1, tail_index.clamp(max=width - 1))
+    stats.commit()
+    return chunks, finite
 
 
 def decode_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -> list[torch.Tensor]:

@@ -127,15 +127,34 @@ class TokenStream(ABC):
         return self
 
     async def __anext__(self) -> int:
+        if not await self._wait_pending():
+            raise StopAsyncIteration
+        self.generated_tokens += 1
+        return self._pending.popleft()
+
+    async def next_codes(self) -> list[int]:
+        """Every code that has arrived by now (at least one), or [] once the stream is over.
+
+        For consumers that take codes in batches: a fast engine delivers several per step, and
+        handling them one at a time costs a task switch and a validation each.
+        """
+        if not await self._wait_pending():
+            return []
+        codes = list(self._pending)
+        self._pending.clear()
+        self.generated_tokens += len(codes)
+        return codes
+
+    async def _wait_pending(self) -> bool:
+        """Waits until codes are pending (True) or the stream is over (False)."""
         while True:
             if self._cancel_requested:
                 self.finish_reason = "cancelled"
-                raise StopAsyncIteration
+                return False
             if self._pending:
-                self.generated_tokens += 1
-                return self._pending.popleft()
+                return True
             if self._exhausted:
-                raise StopAsyncIteration
+                return False
             try:
                 await self._receive()
             except asyncio.CancelledError:

@@ -72,6 +72,9 @@ class OpenAITokenSource:
         refused, timeout, 429/502/503/504), with a doubling delay. After the first token a
         failure is an error: the codes already sent cannot be taken back.
     extra_body: more fields for every request (e.g. {"top_k": 50} for servers that know it).
+    max_connections: concurrent connections to the server, i.e. requests in flight (each
+        streamed completion holds one); size it from the streams served. aiohttp's default
+        of 100 would make stream 101 wait silently for another to finish.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class OpenAITokenSource:
         retry_delay_s: float = 0.5,
         guard: RunawayGuard | None = None,
         extra_body: dict[str, Any] | None = None,
+        max_connections: int = 256,
     ) -> None:
         if connect_retries < 0:
             raise ValueError(f"connect_retries must be >= 0, got {connect_retries}")
@@ -100,6 +104,9 @@ class OpenAITokenSource:
         self.retry_delay_s = retry_delay_s
         self.guard = guard or RunawayGuard()
         self.extra_body = dict(extra_body or {})
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        self.max_connections = max_connections
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -116,7 +123,10 @@ class OpenAITokenSource:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.connect_timeout_s, sock_read=self.timeout_s
             )
-            self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, headers=self._headers, connector=connector
+            )
         return self._session
 
     async def _with_retries(self, url: str, attempt_once):
@@ -235,6 +245,7 @@ class OpenAITokenStream(TokenStream):
         self._options = options
         self._response: aiohttp.ClientResponse | None = None
         self._parser = SpeechTextParser()
+        self._buffer = b""  # received bytes after the last complete line
         self._received_code = False  # from then on, no retry
         self._after_empty_event = False
         self._failures = 0
@@ -263,7 +274,7 @@ class OpenAITokenStream(TokenStream):
             try:
                 if self._response is None:
                     await self._open()
-                await self._read_event()
+                await self._read_events()
                 return
             except (aiohttp.ClientError, TimeoutError, _RetryableError) as err:
                 self._close_response()
@@ -292,27 +303,43 @@ class OpenAITokenStream(TokenStream):
                     detail,
                 )
                 self._parser = SpeechTextParser()
+                self._buffer = b""
                 self._after_empty_event = False
                 await asyncio.sleep(source.retry_delay_s * 2 ** (self._failures - 1))
 
-    async def _read_event(self) -> None:
-        """Reads up to one server-sent data event and applies it."""
+    async def _read_events(self) -> None:
+        """Waits for the server's next bytes and applies every complete event in them.
+
+        A fast server (or a reader that fell behind) packs many events into one read; taking
+        them all at once costs one wake-up instead of one per event.
+        """
         assert self._response is not None
         content = self._response.content
         while True:
-            line = await content.readline()
-            if not line.endswith(b"\n"):  # the connection ended, maybe mid-line
+            cut = self._buffer.rfind(b"\n")
+            if cut >= 0:
+                lines, self._buffer = self._buffer[:cut].split(b"\n"), self._buffer[cut + 1 :]
+                if self._apply_lines(lines):
+                    return
+            data = await content.readany()
+            if not data:  # the connection ended, maybe mid-line
                 if self._cancel_requested:
                     self._end("cancelled")
                     return
                 raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
-            line = line.strip()
+            self._buffer += data
+
+    def _apply_lines(self, lines: list[bytes]) -> bool:
+        """Applies the data events among `lines`; True once any was applied."""
+        applied = False
+        for raw in lines:
+            line = raw.strip()
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, "event:" lines
             data = line[len(b"data:") :].strip()
             if data == b"[DONE]":
                 self._finish("stop")
-                return
+                return True
             try:
                 event = json.loads(data)
             except ValueError as err:
@@ -320,7 +347,10 @@ class OpenAITokenStream(TokenStream):
                     f"malformed event from the speech LLM server: {data[:200]!r}"
                 ) from err
             self._apply(event)
-            return
+            applied = True
+            if self._exhausted:
+                return True
+        return applied
 
     def _apply(self, event: dict[str, Any]) -> None:
         if "error" in event:

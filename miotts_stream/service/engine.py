@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -39,11 +40,14 @@ from miotts_stream.llm import (
 from miotts_stream.text import normalize_text
 from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
 
-from .scheduler import DecodeFailed, DecodeScheduler, ScheduledStream
+from .scheduler import MAX_QUEUED_CHUNKS, DecodeFailed, DecodeScheduler, ScheduledStream
 
 logger = logging.getLogger(__name__)
 
 LANGUAGES = ("auto", "ja", "en")
+
+# Put in a segment's output queue to wake a reader waiting for audio (cancel, failure).
+_INTERRUPT = object()
 
 
 class SessionError(Exception):
@@ -139,6 +143,7 @@ class SpeechEngine:
         self.random_weights = random_weights
         self.model_name = model_name
         self.scheduler = DecodeScheduler(decoder, max_batch=max_batch)
+        self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: set[SynthesisSession] = set()
 
     async def start(self) -> None:
@@ -148,6 +153,7 @@ class SpeechEngine:
         for session in list(self.sessions):
             await session.close()
         await self.scheduler.close()
+        await asyncio.to_thread(self.encode_pool.shutdown, wait=True)
         await self.source.close()
 
     def open_session(self, config: SessionConfig) -> SynthesisSession:
@@ -225,6 +231,7 @@ class SynthesisSession:
         """Barge-in: stop generating and sending now."""
         self._cancelled.set()
         self._generation.cancel()
+        self._interrupt_reader()
 
     @property
     def cancelled(self) -> bool:
@@ -241,6 +248,13 @@ class SynthesisSession:
             self._error = error
         self._failed.set()
         self._generation.cancel()
+        self._interrupt_reader()
+
+    def _interrupt_reader(self) -> None:
+        """Wakes `events()` if it waits for a chunk, so it sees the cancel or the failure."""
+        for segment in self._segment_list:
+            if segment.scheduled is not None:
+                segment.scheduled.output.put_nowait(_INTERRUPT)
 
     # ---- generation ----------------------------------------------------------------------
     def _clock_for(self, segment: _Segment):
@@ -274,7 +288,7 @@ class SynthesisSession:
                 if not normalize_text(segment.text, self.config.language):
                     # Punctuation alone ("...", "—"): nothing to say, and no reason to fail.
                     stream.mark_finished()
-                    engine.scheduler.wake()
+                    engine.scheduler.wake(segment.scheduled)
                     continue
                 tokens = engine.source.stream(
                     segment.text,
@@ -283,15 +297,16 @@ class SynthesisSession:
                     language=self.config.language,
                 )
                 try:
-                    async for code in tokens:
-                        stream.push_tokens((code,))
-                        engine.scheduler.wake()
+                    # Codes in batches: whatever arrived since the last step, validated at once.
+                    while codes := await tokens.next_codes():
+                        stream.push_tokens(codes)
+                        engine.scheduler.wake(segment.scheduled)
                 finally:
                     await tokens.aclose()
                     self.generated_tokens += tokens.generated_tokens
                     self.dropped_tokens += tokens.dropped_tokens
                 stream.mark_finished()
-                engine.scheduler.wake()
+                engine.scheduler.wake(segment.scheduled)
         except LLMUnavailableError as err:
             self.fail(SessionError("UNAVAILABLE", f"speech LLM unavailable: {err}"))
         except LLMRequestError as err:
@@ -328,11 +343,24 @@ class SynthesisSession:
                 other.cancel()
             if not task.done():
                 task.cancel()
+        self._raise_if_stopped()
+        return task.result()
+
+    def _raise_if_stopped(self) -> None:
         if self._error is not None:
             raise self._error
         if self.cancelled:
             raise asyncio.CancelledError
-        return task.result()
+
+    async def _encode(self, chunk: torch.Tensor) -> EncodedAudio:
+        """Encodes a chunk; resampling and Opus run on the engine's encode threads (they take
+        milliseconds per chunk and release the GIL), PCM at the codec's rate inline."""
+        if not self.encoder.costly:
+            return self.encoder.encode(chunk.numpy())
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.engine.encode_pool, self.encoder.encode, chunk.numpy()
+        )
 
     def _audio_event(self, encoded: EncodedAudio, segment_index: int, sequence: int) -> AudioOut:
         start = self.encoder.samples_out - encoded.num_samples
@@ -348,14 +376,19 @@ class SynthesisSession:
                 start = self.encoder.samples_out
                 yield SegmentStarted(segment.index, segment.text, start)
                 samples = 0
-                while (chunk := await self._wait_any(segment.scheduled.output.get())) is not None:
-                    self.engine.scheduler.wake()  # room in the queue again
+                output = segment.scheduled.output
+                while (chunk := await output.get()) is not None:
+                    if chunk is _INTERRUPT:
+                        self._raise_if_stopped()
+                        continue
+                    if output.qsize() == MAX_QUEUED_CHUNKS - 1:
+                        self.engine.scheduler.wake(segment.scheduled)  # room in the queue again
                     if isinstance(chunk, DecodeFailed):
                         raise SessionError("INTERNAL", f"decoding failed: {chunk.message}")
                     if self.first_audio_at is None:
                         self.first_audio_at = time.perf_counter()
                     samples += chunk.numel()
-                    encoded = self.encoder.encode(chunk.numpy())
+                    encoded = await self._encode(chunk)
                     if pending_header:
                         encoded.data = pending_header + encoded.data
                         pending_header = b""
@@ -403,6 +436,7 @@ class SynthesisSession:
         if self._error is None:  # a reader still waiting in events() must not hang
             self._error = SessionError("UNAVAILABLE", "the server is shutting down this stream")
         self._failed.set()
+        self._interrupt_reader()
         self._generation.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._generation

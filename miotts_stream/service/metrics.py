@@ -3,6 +3,8 @@ tests), served over HTTP on --metrics-port."""
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
@@ -30,7 +32,34 @@ class ServiceMetrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self.event_loop_lag = Histogram(
+            "miotts_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 20 ms): time the loop was busy",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            registry=self.registry,
+        )
+        self.decode_steps = Gauge(
+            "miotts_decode_steps", "Batched decode steps run (a counter)", registry=self.registry
+        )
+        self.decode_windows = Gauge(
+            "miotts_decode_windows",
+            "Stream windows decoded in those steps (a counter)",
+            registry=self.registry,
+        )
         self._http = None
+
+    def watch_decoder(self, scheduler) -> None:
+        """Export the decode loop's own counters."""
+        self.decode_steps.set_function(lambda: scheduler.steps)
+        self.decode_windows.set_function(lambda: scheduler.windows_decoded)
+
+    async def watch_event_loop(self, period_s: float = 0.02) -> None:
+        """Runs forever: records how late each timer fires (the loop's lag)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period_s
+            await asyncio.sleep(period_s)
+            self.event_loop_lag.observe(max(0.0, loop.time() - due))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics endpoint; returns the bound port (0 picks a free one)."""

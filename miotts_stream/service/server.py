@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,6 +27,7 @@ from miotts_stream.llm import (
     VLLMEngineOptions,
     VLLMTokenSource,
 )
+from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 
 from .engine import SpeechEngine
 from .metrics import ServiceMetrics
@@ -34,6 +36,12 @@ from .servicer import TextToSpeechServicer
 
 logger = logging.getLogger("miotts_stream.server")
 
+CODEC_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
 
 
@@ -50,6 +58,9 @@ class ServerOptions:
     llm_base_url: str | None = None
     llm_model: str | None = None
     llm_api_key: str | None = None
+    # A stand-in LLM (random codes at this rate per request) for load tests; not speech.
+    llm_standin_rate: float | None = None
+    llm_standin_prefill_ms: float = 15.0
     max_model_len: int = 2048
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.5
@@ -58,6 +69,7 @@ class ServerOptions:
     metrics_port: int | None = 9400
     max_text_chars: int = 10000
     max_batch: int = 32
+    codec_dtype: str = "auto"  # auto: bfloat16 on CUDA (as upstream), float32 on CPU
 
 
 async def build_engine(options: ServerOptions) -> SpeechEngine:
@@ -66,19 +78,31 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
     voices = VoiceLibrary([Path(p) for p in options.presets_dirs])
     if options.default_voice not in voices:
         raise ValueError(f"--default-voice: unknown preset {options.default_voice!r}")
-    if options.codec:
-        decoder = MioCodecDecoder.from_pretrained(options.codec, device=options.device)
-    else:
-        decoder = MioCodecDecoder.from_config(RELEASED_CONFIGS["24khz"], device=options.device)
+    codec = options.codec or "random-24khz"
+    dtype = CODEC_DTYPES[options.codec_dtype]
+    if codec.startswith("random-") and codec.removeprefix("random-") in RELEASED_CONFIGS:
+        config = RELEASED_CONFIGS[codec.removeprefix("random-")]
+        decoder = MioCodecDecoder.from_config(config, device=options.device, dtype=dtype)
         random_parts.append("codec")
+    else:
+        decoder = MioCodecDecoder.from_pretrained(codec, device=options.device, dtype=dtype)
     logger.info("codec: %s", decoder.describe())
     for name in voices.names():  # a broken preset file fails now, not in a client's request
         decoder.validate_embedding(voices.get(name), f"preset {name}")
 
     source: TokenSource
-    if options.llm_base_url:
+    if options.llm_standin_rate is not None:
+        pacing = StandInPacing(options.llm_standin_rate, options.llm_standin_prefill_ms / 1000)
+        source = StandInTokenSource(pacing)
+        model_name = source.name
+        random_parts.append("speech LLM stand-in")
+    elif options.llm_base_url:
         source = OpenAITokenSource(
-            options.llm_base_url, model=options.llm_model, api_key=options.llm_api_key
+            options.llm_base_url,
+            model=options.llm_model,
+            api_key=options.llm_api_key,
+            # Each stream holds one streamed completion at a time; a few spare for listing.
+            max_connections=options.max_streams + 8,
         )
         model_name = f"{options.llm_model or '(server default)'} at {options.llm_base_url}"
     else:
@@ -135,6 +159,7 @@ class MioTTSServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self._lag_watch: asyncio.Task | None = None
 
     async def start(self) -> int:
         servicer = TextToSpeechServicer(self.engine, self.metrics, self.options.default_voice)
@@ -151,6 +176,10 @@ class MioTTSServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+        self.metrics.watch_decoder(self.engine.scheduler)
+        self._lag_watch = asyncio.get_running_loop().create_task(
+            self.metrics.watch_event_loop(), name="event-loop-lag"
+        )
         logger.info(
             "serving %s on %s:%d (metrics on %s)",
             SERVICE_NAME,
@@ -164,6 +193,10 @@ class MioTTSServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.stop(grace)
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_watch
         await self.engine.close()
         self.metrics.close()
 
