@@ -13,7 +13,7 @@ import torch
 from aiohttp import web
 
 from miotts_stream.codec import MioCodecDecoder
-from miotts_stream.codec.streaming import StreamingOptions
+from miotts_stream.codec.streaming import StreamingOptions, batch_bucket, forward_windows
 from miotts_stream.llm import OpenAITokenSource, SamplingOptions
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 from miotts_stream.llm.standin_server import StandInServer
@@ -155,6 +155,10 @@ async def test_a_failing_window_fails_only_its_own_stream(tiny_decoder):
         assert "non-finite" in outputs[4][-1].message
         assert scheduler.active_streams == 0
         assert tiny_decoder.stream_slots.in_use == slots_before  # every slot given back
+        # The NaN stream's slot goes to the next stream, which must not inherit its NaN.
+        after = scheduler.register(ready_stream(tiny_decoder, 30, 12))
+        chunks = await asyncio.wait_for(drain(after.output), 60)
+        assert chunks and all(torch.isfinite(c).all() for c in chunks)
     finally:
         await scheduler.close()
 
@@ -232,3 +236,47 @@ async def test_openai_source_reads_packed_events(unused_tcp_port):
     finally:
         await source.close()
         await runner.cleanup()
+
+
+# ---- fixed step shapes and CUDA graphs --------------------------------------------------------
+
+
+def decode_all(decoder, count: int, fixed_shapes: bool) -> list[torch.Tensor]:
+    """Streams of different lengths decoded in shared steps; each stream's whole audio."""
+    options = StreamingOptions(chunk_tokens=8, lookahead_tokens=12)
+    streams = [ready_stream(decoder, 50 + 11 * i, i, options) for i in range(count)]
+    outputs: list[list[torch.Tensor]] = [[] for _ in streams]
+    while True:
+        planned = [(i, s.next_window()) for i, s in enumerate(streams)]
+        ready = [(i, w) for i, w in planned if w is not None]
+        if not ready:
+            break
+        decoded = forward_windows(decoder, [w for _, w in ready], fixed_shapes=fixed_shapes)
+        for (i, _), chunk in zip(ready, decoded.apply(), strict=True):
+            outputs[i].append(chunk)
+    assert all(s.done for s in streams)
+    return [torch.cat(chunks) for chunks in outputs]
+
+
+def test_fixed_step_shapes_change_nothing(tiny_decoder):
+    """Steps padded to a power-of-two batch (with rows that only touch the scratch slot) and a
+    fixed output width, as CUDA graphs replay them, give the same audio as exact shapes."""
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+    exact = decode_all(tiny_decoder, 3, fixed_shapes=False)
+    fixed = decode_all(tiny_decoder, 3, fixed_shapes=True)
+    for a, b in zip(exact, fixed, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_steps_match_eager_steps():
+    decoder = MioCodecDecoder.from_pretrained(TINY_CODECS["24khz"], device="cuda")
+    decoder.use_cuda_graphs = False
+    eager = decode_all(decoder, 5, fixed_shapes=True)
+    decoder.use_cuda_graphs = True
+    graphed = decode_all(decoder, 5, fixed_shapes=True)
+    assert decoder.cuda_graphs.replays > 0 and decoder.cuda_graphs.captures > 0
+    for a, b in zip(eager, graphed, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-3  # bf16 autocast: same kernels, same order

@@ -417,10 +417,10 @@ async def expect_internal(stub, server, text: str, message: str) -> None:
 
 
 async def test_a_decode_failure_ends_the_stream_with_internal(stub, server, monkeypatch):
-    def broken_run_batch(*args, **kwargs):
+    def broken_trunk(*args, **kwargs):
         raise RuntimeError("simulated decoder fault")
 
-    monkeypatch.setattr(server.engine.decoder, "run_batch", broken_run_batch)
+    monkeypatch.setattr(server.engine.decoder.model, "trunk", broken_trunk)
     await expect_internal(stub, server, "Boom.", "simulated decoder fault")
     monkeypatch.undo()
     ok = await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Fine.")))

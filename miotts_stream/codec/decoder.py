@@ -25,6 +25,7 @@ from .model import MioCodecDecoderModel
 from .voices import check_embedding
 
 if TYPE_CHECKING:
+    from .graphs import CudaGraphSteps
     from .streaming import PlaybackClock, StreamingOptions, StreamSlots, TokenStreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class MioCodecDecoder:
         self.source = source
         self.random_weights = random_weights
         self._stream_slots: StreamSlots | None = None
+        # Streaming steps replay CUDA graphs on CUDA (set False for eager, e.g. to compare).
+        self.use_cuda_graphs = self.device.type == "cuda"
+        self._cuda_graphs: CudaGraphSteps | None = None
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -262,6 +266,17 @@ class MioCodecDecoder:
 
             self._stream_slots = StreamSlots.for_decoder(self)
         return self._stream_slots
+
+    @property
+    def cuda_graphs(self) -> CudaGraphSteps | None:
+        """The captured streaming steps, or None when steps run eagerly (CPU, or disabled)."""
+        if not self.use_cuda_graphs or self.device.type != "cuda":
+            return None
+        if self._cuda_graphs is None:
+            from .graphs import CudaGraphSteps
+
+            self._cuda_graphs = CudaGraphSteps(self)
+        return self._cuda_graphs
 
     def describe(self) -> str:
         weights = "RANDOM WEIGHTS (not a trained codec)" if self.random_weights else self.source

@@ -106,7 +106,10 @@ class StreamSlots:
         self._lock = threading.Lock()
         self._free: list[int] = []
         self._issued = 0  # slots ever handed out: ids 0 .. issued - 1
+        self.generation = 0  # bumped when the tensors are reallocated (graphs must recapture)
         self.ensure_capacity(capacity)
+        # Padding rows of fixed-shape steps read and write this slot, which no stream owns.
+        self.scratch = self.acquire()
 
     @classmethod
     def for_decoder(cls, decoder: MioCodecDecoder) -> StreamSlots:
@@ -126,8 +129,9 @@ class StreamSlots:
 
     @property
     def in_use(self) -> int:
+        """Slots held by streams."""
         with self._lock:
-            return self._issued - len(self._free)
+            return self._issued - len(self._free) - 1
 
     def ensure_capacity(self, slots: int) -> None:
         """Grows the tensors to hold `slots` slots (doubling); decode side only."""
@@ -141,6 +145,7 @@ class StreamSlots:
         sums[: self.capacity] = self.norm_sums
         tails[: self.capacity] = self.tails
         self.norm_sums, self.tails, self.capacity = sums, tails, capacity
+        self.generation += 1
 
 
 def _region_sums(x: torch.Tensor, weights: torch.Tensor, groups: int) -> torch.Tensor:
@@ -179,10 +184,15 @@ class SlotGroupStats:
         self.slot_index = slot_index
         self.new_start = new_start
         self.commit_end = commit_end
-        self.use_prior = use_prior.double()
+        self.use_prior = use_prior.bool()
         self.pending = torch.zeros(
-            len(slot_index), len(slots.group_counts), 3, slots.max_groups, dtype=torch.float64
-        ).to(slot_index.device)
+            len(slot_index),
+            len(slots.group_counts),
+            3,
+            slots.max_groups,
+            dtype=torch.float64,
+            device=slot_index.device,
+        )
 
     def __call__(
         self, layer: int, x: torch.Tensor, valid: torch.Tensor, frames_per_token: int, groups: int
@@ -193,8 +203,9 @@ class SlotGroupStats:
         weights = torch.stack((new_region, commit_region), dim=1).float()
         window_sums, commit_sums = _region_sums(x, weights, groups).unbind(dim=1)
         self.pending[:, layer, :, :groups] = commit_sums
+        # `where`, not a product: a slot's previous owner may have left NaN in it.
         prior = self.slots.norm_sums[self.slot_index, layer, :, :groups]
-        prior = prior * self.use_prior[:, None, None]
+        prior = torch.where(self.use_prior[:, None, None], prior, 0.0)
         count, total, squares = (prior + window_sums).unbind(dim=1)
         mean = total / count
         variance = (squares / count - mean.square()).clamp_min(0)
@@ -203,7 +214,9 @@ class SlotGroupStats:
     def commit(self) -> None:
         sums = self.slots.norm_sums
         keep = self.use_prior[:, None, None, None]
-        sums[self.slot_index] = sums[self.slot_index] * keep + self.pending
+        sums[self.slot_index] = torch.where(
+            keep, sums[self.slot_index] + self.pending, self.pending
+        )
 
 
 # ---- one stream --------------------------------------------------------------------------
@@ -407,17 +420,30 @@ _META = ("length", "new_start", "commit_end", "slot", "use_prior", "frame_count"
 _META += ("sample_begin", "chunk_samples", "fade_samples", "tail_from")
 
 
-def forward_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -> DecodedWindows:
+def batch_bucket(count: int) -> int:
+    """Batch sizes of fixed-shape steps: powers of two."""
+    return 1 << max(0, count - 1).bit_length()
+
+
+def forward_windows(
+    decoder: MioCodecDecoder, windows: Sequence[DecodeWindow], fixed_shapes: bool | None = None
+) -> DecodedWindows:
     """Decode windows of different streams in one forward, crossfade their chunks and commit
     their statistics into the streams' slots; the streams' host state is left to `apply`.
 
     Runs on any thread (the service's decode thread), while the streams keep receiving tokens.
     At most one window per stream (a stream's next window needs this one's statistics).
-    Windows are padded to a fixed bucket length, so shapes repeat from step to step. Nothing is
-    changed if the forward raises, so a failed step can be retried with fewer windows.
+    Windows are padded to a fixed bucket length, so shapes repeat from step to step. With
+    `fixed_shapes` (default: when the decoder replays CUDA graphs) the batch is padded to a
+    power of two with rows that write only the scratch slot, and the output width is fixed by
+    the chunk sizes the streams may use, so a few shapes cover every step. Nothing is changed if
+    the forward raises, so a failed step can be retried with fewer windows.
     """
     if len({id(w.stream) for w in windows}) != len(windows):
         raise ValueError("forward_windows: at most one window per stream per step")
+    graphs = decoder.cuda_graphs
+    if fixed_shapes is None:
+        fixed_shapes = graphs is not None
     slots = decoder.stream_slots
     model = decoder.model
     head = model.istft_head
@@ -425,14 +451,24 @@ def forward_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -
     head_rate = model.head_frames_per_token
     bucket = windows[0].stream.options.window_bucket_tokens
     padded_length = bucket * math.ceil(max(w.length for w in windows) / bucket)
-    width = max(w.chunk_samples + w.stream.crossfade_samples for w in windows)
+    if fixed_shapes:
+        # Room for the longest chunk any of these streams may emit, plus its crossfade tail,
+        # in steps of 8 tokens.
+        longest = max(
+            max(w.stream.options.chunk_tokens, w.stream.options.first_chunk_tokens) for w in windows
+        )
+        width = 8 * math.ceil((longest + 1) / 8) * spt
+        rows = batch_bucket(len(windows))
+    else:
+        width = max(w.chunk_samples + w.stream.crossfade_samples for w in windows)
+        rows = len(windows)
     ranges = [head.frames_for_range((w.chunk_start - w.start) * spt, width) for w in windows]
     frames = max(count for _, count in ranges)
 
     # One upload: speaker embeddings, tokens and the per-window numbers in one float32 tensor
     # (token ids and offsets are integers far below 2**24, exact in float32).
     dim = decoder.embedding_dim
-    packed = torch.zeros(len(windows), dim + padded_length + len(_META))
+    packed = torch.zeros(rows, dim + padded_length + len(_META))
     for i, (w, (first_frame, _)) in enumerate(zip(windows, ranges, strict=True)):
         stream = w.stream
         accumulate = stream.options.groupnorm_stats == "accumulated"
@@ -454,14 +490,27 @@ def forward_windows(decoder: MioCodecDecoder, windows: Sequence[DecodeWindow]) -
             ),
             dtype=torch.float32,
         )
+    packed[len(windows) :, dim + padded_length :] = scratch_row(slots, padded_length)
     slots.ensure_capacity(max(w.slot for w in windows) + 1)
-    chunks, finite = _run_windows(decoder, packed.to(decoder.device), padded_length, width, frames)
+    packed = packed.to(decoder.device)
+    if graphs is not None and fixed_shapes:
+        chunks, finite = graphs.run(packed, padded_length, width, frames)
+    else:
+        chunks, finite = _run_windows(decoder, packed, padded_length, width, frames)
     host = torch.cat((chunks, finite[:, None].float()), dim=1).cpu()  # the one download
     return DecodedWindows(
         list(windows),
         [host[i, : w.chunk_samples] for i, w in enumerate(windows)],
-        [bool(flag) for flag in host[:, -1]],
+        [bool(flag) for flag in host[: len(windows), -1]],
     )
+
+
+def scratch_row(slots: StreamSlots, padded_length: int) -> torch.Tensor:
+    """The per-window numbers of a padding row: one whole-window chunk that reads no statistics
+    and writes only the scratch slot."""
+    values = dict.fromkeys(_META, 0)
+    values.update(length=padded_length, commit_end=padded_length, slot=slots.scratch)
+    return torch.tensor([values[name] for name in _META], dtype=torch.float32)
 
 
 @torch.inference_mode()
