@@ -19,6 +19,8 @@ StreamingSynthesize calls start at once, each two sentences of up to `--seconds`
   CPU           the server process's CPU time / wall time (200% = both cores of 2).
 
 `--find-max` then searches for the most streams with no underrun behind `--buffer-ms`.
+`--baseline DIR` runs the same levels against another checkout's server.py first (for
+instance an older commit in a git worktree) and prints both in one table.
 """
 
 from __future__ import annotations
@@ -211,13 +213,15 @@ async def run_level(address: str, probe: ServerProbe, streams: int, args) -> Lev
     return LevelReport(streams, list(results), before, after)
 
 
-def start_processes(args, max_streams: int) -> tuple[list[subprocess.Popen], str, ServerProbe]:
+def start_processes(
+    args, max_streams: int, root: Path = ROOT
+) -> tuple[list[subprocess.Popen], str, ServerProbe]:
     processes = []
     port, metrics_port = free_port(), free_port()
     codec = str(TINY_CODECS.get(args.codec, args.codec))
     command = [
         sys.executable,
-        str(ROOT / "server.py"),
+        str(root / "server.py"),
         "--host",
         "127.0.0.1",
         "--port",
@@ -226,8 +230,7 @@ def start_processes(args, max_streams: int) -> tuple[list[subprocess.Popen], str
         str(metrics_port),
         "--max-streams",
         str(max_streams),
-        "--codec",
-        codec,
+        *(["--codec", codec] if codec != "random-24khz" else []),  # the default either way
         "--log-level",
         "WARNING",
         *args.server_arg,
@@ -256,7 +259,8 @@ def start_processes(args, max_streams: int) -> tuple[list[subprocess.Popen], str
         ]
         processes.append(subprocess.Popen(standin, cwd=ROOT))
         command += ["--llm-base-url", f"http://127.0.0.1:{llm_port}/v1"]
-    processes.append(subprocess.Popen(command, cwd=ROOT))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    processes.append(subprocess.Popen(command, cwd=root, env=env))
     probe = ServerProbe(processes[-1].pid, f"http://127.0.0.1:{metrics_port}/metrics")
     return processes, f"127.0.0.1:{port}", probe
 
@@ -281,35 +285,51 @@ async def find_max(address: str, probe: ServerProbe, args, buffer_s: float, limi
             if bad - good <= max(1, good // 8):
                 break
             streams = (good + bad) // 2
-    return [rows, good]
+    return rows, good
 
 
 async def main_async(args) -> None:
+    if args.baseline:
+        baseline = Path(args.baseline).resolve()
+        rows = await run_levels(args, baseline) + await run_levels(args, ROOT)
+        headers = ["server", *(h.format(buffer=f"{args.buffer_ms:g}") for h in HEADERS)]
+        print(f"\n{title(args)}\n{table(headers, rows)}")
+        return
+    await run_levels(args, ROOT)
+
+
+def title(args) -> str:
+    return (
+        f"load: codec {args.codec} on {args.device or 'the default device'}, stand-in LLM "
+        f"{args.rate:g} codes/s per stream ({args.source}), {args.encoding} "
+        f"{args.sample_rate or 'codec rate'}, up to {args.seconds:g} s per stream, "
+        f"{os.cpu_count()} CPUs"
+    )
+
+
+async def run_levels(args, root: Path) -> list[list]:
+    """Starts the server of checkout `root`, runs the levels (and --find-max), prints the
+    tables; returns the levels' rows, labelled with the checkout."""
     levels = sorted(args.levels)
     limit = args.find_max_limit if args.find_max else 0
-    processes, address, probe = start_processes(args, max([*levels, limit]) + 8)
+    processes, address, probe = start_processes(args, max([*levels, limit]) + 8, root)
     buffer_s = args.buffer_ms / 1000
     headers = [h.format(buffer=f"{args.buffer_ms:g}") for h in HEADERS]
+    label = "this checkout" if root == ROOT else f"baseline {root.name}"
+    rows = []
     try:
         await wait_serving(address, timeout=args.startup_timeout)
         warm = argparse.Namespace(**{**vars(args), "seconds": 2.0})
         await run_level(address, probe, 2, warm)
-        title = (
-            f"load: codec {args.codec} on {args.device or 'the default device'}, stand-in LLM "
-            f"{args.rate:g} codes/s per stream ({args.source}), {args.encoding} "
-            f"{args.sample_rate or 'codec rate'}, up to {args.seconds:g} s per stream, "
-            f"{os.cpu_count()} CPUs"
-        )
         if levels:
-            rows = []
             for streams in levels:
                 report = await run_level(address, probe, streams, args)
                 rows.append(report.row(buffer_s))
                 print(table(headers, rows[-1:]), flush=True)
-            print(f"\n{title}\n{table(headers, rows)}", flush=True)
+            print(f"\n{label}: {title(args)}\n{table(headers, rows)}", flush=True)
         if args.find_max:
-            rows, best = await find_max(address, probe, args, buffer_s, limit)
-            print(f"\nfind-max, {title}\n{table(headers, rows)}")
+            search, best = await find_max(address, probe, args, buffer_s, limit)
+            print(f"\nfind-max, {label}: {title(args)}\n{table(headers, search)}")
             print(f"most streams with no underrun behind {args.buffer_ms:g} ms: {best}")
     finally:
         for process in reversed(processes):
@@ -318,6 +338,7 @@ async def main_async(args) -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+    return [[label, *row] for row in rows]
 
 
 def main() -> None:
@@ -341,6 +362,9 @@ def main() -> None:
     parser.add_argument("--find-max-start", type=int, default=4)
     parser.add_argument("--find-max-limit", type=int, default=512)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--baseline", default=None, help="another checkout to measure first, for comparison"
+    )
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra server.py argument (repeat)"
     )

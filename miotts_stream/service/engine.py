@@ -381,8 +381,9 @@ class SynthesisSession:
                     if chunk is _INTERRUPT:
                         self._raise_if_stopped()
                         continue
-                    if output.qsize() == MAX_QUEUED_CHUNKS - 1:
-                        self.engine.scheduler.wake(segment.scheduled)  # room in the queue again
+                    if output.qsize() + 1 >= MAX_QUEUED_CHUNKS:
+                        # The stream may have paused on a full queue: there is room again.
+                        self.engine.scheduler.wake(segment.scheduled)
                     if isinstance(chunk, DecodeFailed):
                         raise SessionError("INTERNAL", f"decoding failed: {chunk.message}")
                     if self.first_audio_at is None:
