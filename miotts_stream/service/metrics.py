@@ -30,6 +30,11 @@ class ServiceMetrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self.engine_restarts = Counter(
+            "miotts_engine_restarts",
+            "Times the in-process speech engine was started again after its core died",
+            registry=self.registry,
+        )
         self._http = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
