@@ -444,11 +444,8 @@ class VLLMTokenSource:
         # meanwhile. Without a running loop there, AsyncLLM starts its output task on first use.
         self._pending_engine = future = loop.run_in_executor(None, self._engine_factory)
         try:
+            # Shielded: close() cancels this task but must still get the engine, to shut it down.
             engine = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # close() during the start: the engine still comes up; shut it down when it does.
-            future.add_done_callback(_shutdown_result)
-            raise
         except Exception:
             logger.exception("restarting the speech engine failed; trying again")
             return False
@@ -528,11 +525,15 @@ class VLLMTokenSource:
     async def close(self) -> None:
         """Shuts the engine down (and with it any other source built on the same engine)."""
         self._set_state(EngineState.CLOSED)
+        pending = self._pending_engine  # an engine starting in a thread: wait and stop it
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        if pending is not None:
+            with contextlib.suppress(Exception):  # one that failed to start left nothing
+                _shutdown(await pending)
         engine, self._engine = self._engine, None
         if engine is not None:
             _shutdown(engine)
@@ -547,11 +548,6 @@ def _shutdown(engine: AsyncLLM) -> None:
         engine.shutdown()
     except Exception:  # a dead engine may fail parts of its own cleanup; nothing to keep
         logger.exception("shutting down the vLLM engine failed")
-
-
-def _shutdown_result(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        _shutdown(future.result())
 
 
 class VLLMTokenStream(TokenStream):
