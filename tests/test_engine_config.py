@@ -77,10 +77,10 @@ def test_engine_settings_per_architecture_on_cpu() -> None:
     qwen3 = engine_args(options, "Qwen3ForCausalLM")
     falcon = engine_args(options, "FalconH1ForCausalLM")
     lfm2 = engine_args(options, "Lfm2ForCausalLM")
-    for args in (qwen3, falcon, lfm2):
+    for args in (falcon, lfm2):
         assert args["enable_chunked_prefill"] is False
         assert args["max_num_batched_tokens"] >= 4096  # a whole prompt fits one step
-    assert "enable_prefix_caching" not in qwen3
+    assert "enable_prefix_caching" not in qwen3 and "enable_chunked_prefill" not in qwen3
     assert falcon["enable_prefix_caching"] is False and lfm2["enable_prefix_caching"] is False
     assert falcon["mamba_ssm_cache_dtype"] == "float32"
     # The user's --engine-arg wins over the architecture's choice.

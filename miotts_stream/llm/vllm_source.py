@@ -153,23 +153,21 @@ def validate_model_config(config: dict[str, Any], model: str | Path = "model") -
 def architecture_engine_args(architecture: str | None, device: str) -> dict[str, Any]:
     """Engine settings an architecture needs on `device` ("cpu" or "cuda"), from evidence.
 
-    - CPU, every architecture: no chunked prefill. vLLM's CPU runner crashes the engine core
-      when a seeded request's prefill is split over steps ("CPU Generator does not use
-      offset" when it rewinds the discarded sample), which chunked prefill does whenever
-      prompts in the same step exceed the token budget. Whole prompts need a budget of at
-      least max_model_len, which engine_args sets.
     - CPU, Falcon-H1 and LFM2: no prefix caching. With it, vLLM splits a recurrent model's
-      prefill at every cache block (128 tokens): Falcon-H1's Mamba2 kernel then fails with
-      "index 1 is out of bounds" for any prompt over 128 tokens, and a seeded LFM2 request
-      hits the crash above.
+      prefill at every cache block (128 tokens), and Falcon-H1's Mamba2 kernel fails with
+      "index 1 is out of bounds" for any prompt over 128 tokens.
+    - CPU, Falcon-H1 and LFM2: no chunked prefill either. Seeded requests whose prompts together
+      exceed one step's token budget (4 of ~1000 tokens) kill LFM2's engine core: the runner
+      rewinds the seeded generator of a partly prefilled request, which CPU generators cannot
+      ("CPU Generator does not use offset"). Qwen3 ran the same load with chunked prefill.
+      Whole prompts need a budget of at least max_model_len, which engine_args sets.
     - Falcon-H1: Mamba state in float32 (vLLM's choice for other Mamba2 hybrids, whose bf16
       states lose accuracy over long sequences); a no-op where the model runs in float32.
     """
     args: dict[str, Any] = {}
-    if device == "cpu":
+    if device == "cpu" and architecture in RECURRENT:
+        args["enable_prefix_caching"] = False
         args["enable_chunked_prefill"] = False
-        if architecture in RECURRENT:
-            args["enable_prefix_caching"] = False
     if architecture == FALCON_H1:
         args["mamba_ssm_cache_dtype"] = "float32"
     return args
