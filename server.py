@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import logging
 
-from miotts_stream.service.server import ServerOptions, run_server
+from miotts_stream.demo_model import ARCHITECTURES
+from miotts_stream.llm import parse_engine_arg
+from miotts_stream.service.server import ENGINE_DEATH_EXIT_CODE, ServerOptions, run_server
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
@@ -111,6 +113,31 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         action="store_true",
         help="disable CUDA graphs / compilation (faster start, slower decode)",
     )
+    engine.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        type=parse_engine_arg,
+        dest="engine_args",
+        metavar="KEY=VALUE",
+        help="any vLLM engine argument, over this program's choices; VALUE is JSON when it\n"
+        "parses (8, 0.5, true, {...}), else a string; may be repeated, e.g.\n"
+        "--engine-arg enable_prefix_caching=false --engine-arg max_num_seqs=32",
+    )
+    engine.add_argument(
+        "--demo-arch",
+        choices=sorted(ARCHITECTURES),
+        default=d.demo_arch,
+        help="architecture of the built-in demo model served without --model\n"
+        f"(default {d.demo_arch})",
+    )
+    engine.add_argument(
+        "--exit-on-engine-death",
+        action="store_true",
+        help="when the engine core dies, exit with status "
+        f"{ENGINE_DEATH_EXIT_CODE} (for an orchestrator\n"
+        "to restart) instead of restarting the engine in process",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -145,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     values = {k: v for k, v in vars(args).items() if k not in ("no_metrics", "log_level")}
     if args.no_metrics:
         values["metrics_port"] = None
+    values["engine_args"] = dict(args.engine_args)
     return ServerOptions(**values)
 
 

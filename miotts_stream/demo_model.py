@@ -1,11 +1,15 @@
 """A stand-in MioTTS LLM with random weights, built locally so nothing needs the Hugging Face hub.
 
-    python -m miotts_stream.demo_model --size {tiny,small} --out DIR
+    python -m miotts_stream.demo_model --arch {qwen3,falcon_h1,lfm2} --size {tiny,small} --out DIR
 
 The folder it writes is an ordinary Hugging Face causal LM that vLLM, transformers and
 `vllm serve` load unchanged:
 
-- the Qwen3 architecture (``Qwen3ForCausalLM``), float32 weights drawn from a seeded generator;
+- one of the MioTTS family's architectures: Qwen3 (``Qwen3ForCausalLM``, MioTTS-0.6B/1.7B),
+  Falcon-H1 (``FalconH1ForCausalLM``, attention and Mamba2 side by side, MioTTS-0.1B) or LFM2
+  (``Lfm2ForCausalLM``, short convolutions and attention, MioTTS-0.4B/1.2B/2.6B), with the
+  config keys the published checkpoints carry (vLLM reads some that transformers no longer
+  writes, e.g. LFM2's ``conv_dim`` and ``block_dim``); float32 weights from a seeded generator;
 - a byte-level tokenizer with the Qwen special tokens ``<|endoftext|>``, ``<|im_start|>``,
   ``<|im_end|>`` followed by the 12800 MioTTS speech tokens ``<|s_0|>`` .. ``<|s_12799|>``, all
   contiguous, as in the released models (where they start at 151669);
@@ -43,13 +47,17 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 # Bump when the files written change, so cached builds from older code are rebuilt.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 DEMO_MARKER = "miotts_demo"
 
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """Shape of one demo size. head_dim must be one the CPU attention kernels support (32, 64..)."""
+    """Shape of one demo size. head_dim must be one the CPU attention kernels support (32, 64..).
+
+    The mamba_* fields shape Falcon-H1's Mamba2 mixer (d_ssm = heads * head_dim); `layer_types`
+    is LFM2's per-layer choice of "conv" or "full_attention". Other architectures ignore them.
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -57,31 +65,98 @@ class DemoSpec:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    mamba_n_heads: int = 0
+    mamba_d_head: int = 0
+    mamba_d_state: int = 0
+    layer_types: tuple[str, ...] = ()
     # Expected utterance length in tokens (25 per second) before the model ends it.
     mean_tokens: int = 150
     seed: int = 0
 
 
-SIZES: dict[str, DemoSpec] = {
-    # A few MB: for tests, where only the plumbing matters.
-    "tiny": DemoSpec(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
+@dataclass(frozen=True)
+class Architecture:
+    """What differs between the family's architectures when building a demo checkpoint."""
+
+    hf_class: str  # transformers' and vLLM's class name, written to config.json
+    # Weights whose output rows add to the residual stream, by name suffix (see
+    # _wire_end_of_utterance); every layer's writers are listed.
+    residual_writers: tuple[str, ...]
+    # LFM2 always ties lm_head to the embeddings in vLLM, as its checkpoints do.
+    tie_word_embeddings: bool = False
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "qwen3": Architecture(
+        hf_class="Qwen3ForCausalLM",
+        residual_writers=("self_attn.o_proj.weight", "mlp.down_proj.weight"),
     ),
-    # About 0.1B parameters, like MioTTS-0.1B: for benchmarks and the service's default.
-    "small": DemoSpec(
-        hidden_size=768,
-        intermediate_size=2304,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        head_dim=64,
+    "falcon_h1": Architecture(
+        hf_class="FalconH1ForCausalLM",
+        residual_writers=(
+            "self_attn.o_proj.weight",
+            "mamba.out_proj.weight",
+            "feed_forward.down_proj.weight",
+        ),
+    ),
+    "lfm2": Architecture(
+        hf_class="Lfm2ForCausalLM",
+        residual_writers=(
+            "self_attn.out_proj.weight",
+            "conv.out_proj.weight",
+            "feed_forward.w2.weight",
+        ),
+        tie_word_embeddings=True,
     ),
 }
+DEFAULT_ARCH = "qwen3"
+
+_TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+}
+_SMALL = {
+    "hidden_size": 768,
+    "intermediate_size": 2304,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+}
+# LFM2's published layouts put an attention layer after every two or three convolutions.
+_LFM2_SMALL_LAYERS = ("conv", "conv", "full_attention") * 4
+
+SIZES: dict[str, dict[str, DemoSpec]] = {
+    # tiny: a few MB, for tests, where only the plumbing matters.
+    # small: about 0.1B parameters, like MioTTS-0.1B: for benchmarks and the service's default.
+    "qwen3": {
+        "tiny": DemoSpec(num_hidden_layers=2, **_TINY),
+        "small": DemoSpec(num_hidden_layers=12, **_SMALL),
+    },
+    "falcon_h1": {
+        "tiny": DemoSpec(
+            num_hidden_layers=2, mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, **_TINY
+        ),
+        "small": DemoSpec(
+            num_hidden_layers=12, mamba_n_heads=24, mamba_d_head=64, mamba_d_state=64, **_SMALL
+        ),
+    },
+    "lfm2": {
+        "tiny": DemoSpec(num_hidden_layers=4, layer_types=("conv", "full_attention") * 2, **_TINY),
+        "small": DemoSpec(num_hidden_layers=12, layer_types=_LFM2_SMALL_LAYERS, **_SMALL),
+    },
+}
+
+
+def demo_spec(arch: str, size: str) -> DemoSpec:
+    """The shape of the demo model `arch`/`size`; a ValueError names the unknown one."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown demo model architecture {arch!r}; choose from {sorted(SIZES)}")
+    if size not in SIZES[arch]:
+        raise ValueError(f"unknown demo model size {size!r}; choose from {sorted(SIZES[arch])}")
+    return SIZES[arch][size]
 
 
 def _byte_symbols() -> list[str]:
@@ -137,45 +212,115 @@ def build_tokenizer(out_dir: Path) -> dict[str, int]:
     return ids
 
 
-def _config(spec: DemoSpec, ids: dict[str, int]):
-    from transformers import Qwen3Config
+def _config(arch: str, spec: DemoSpec, ids: dict[str, int]):
+    """transformers' config object for `arch`, with the demo tokenizer's ids."""
+    import transformers
 
     vocab_size = ids[f"<|s_{NUM_SPEECH_TOKENS - 1}|>"] + 1
-    return Qwen3Config(
-        vocab_size=(vocab_size + 63) // 64 * 64,  # padded like released checkpoints
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        torch_dtype="float32",
-        architectures=["Qwen3ForCausalLM"],
-    )
+    common = {
+        "vocab_size": (vocab_size + 63) // 64 * 64,  # padded like released checkpoints
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": ARCHITECTURES[arch].tie_word_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "architectures": [ARCHITECTURES[arch].hf_class],
+    }
+    if arch == "qwen3":
+        return transformers.Qwen3Config(
+            head_dim=spec.head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            torch_dtype="float32",
+            **common,
+        )
+    if arch == "falcon_h1":
+        # Published Falcon-H1 values where they are not shape: RMS-normed Mamba output, chunk
+        # size 128, conv bias on, multipliers at 1 (random weights need no muP scaling).
+        return transformers.FalconH1Config(
+            head_dim=spec.head_dim,
+            mamba_d_ssm=spec.mamba_n_heads * spec.mamba_d_head,
+            mamba_n_heads=spec.mamba_n_heads,
+            mamba_d_head=spec.mamba_d_head,
+            mamba_d_state=spec.mamba_d_state,
+            mamba_n_groups=1,
+            mamba_d_conv=4,
+            mamba_chunk_size=128,
+            mamba_rms_norm=True,
+            mamba_conv_bias=True,
+            mamba_proj_bias=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 100_000_000_000.0},
+            dtype="float32",
+            **common,
+        )
+    if arch == "lfm2":
+        return transformers.Lfm2Config(
+            layer_types=list(spec.layer_types),
+            conv_L_cache=3,
+            conv_bias=False,
+            norm_eps=1e-5,
+            block_multiple_of=256,
+            block_ffn_dim_multiplier=1.0,
+            block_auto_adjust_ff_dim=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            dtype="float32",
+            **common,
+        )
+    raise ValueError(f"unknown demo model architecture {arch!r}")
 
 
-def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Names and shapes as transformers' Qwen3ForCausalLM has them (built on the meta device)."""
-    from transformers import Qwen3ForCausalLM
+def _published_keys(arch: str, spec: DemoSpec) -> dict[str, object]:
+    """Keys the published checkpoints carry that transformers 5 no longer writes but vLLM reads.
 
+    LFM2 (LiquidAI/LFM2-*): vLLM's model sizes its convolutions and feed-forward blocks from
+    `conv_dim` and `block_dim` (both the hidden size in every published checkpoint).
+    """
+    if arch == "lfm2":
+        return {
+            "conv_dim": spec.hidden_size,
+            "conv_dim_out": spec.hidden_size,
+            "block_dim": spec.hidden_size,
+            "block_ff_dim": spec.intermediate_size,
+            "num_heads": spec.num_attention_heads,
+            "full_attn_idxs": [i for i, t in enumerate(spec.layer_types) if t == "full_attention"],
+        }
+    return {}
+
+
+def _model_class(arch: str):
+    import transformers
+
+    return getattr(transformers, ARCHITECTURES[arch].hf_class)
+
+
+def _parameter_shapes(arch: str, config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the stored tensors as transformers has them (built on the meta
+    device); a tied lm_head is the embedding and is not stored."""
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        model = _model_class(arch)(config)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if ARCHITECTURES[arch].tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
-def parameter_count(size: str) -> int:
-    """Parameters of the demo model of `size`, without building it."""
-    spec = SIZES[size]
+def _placeholder_ids() -> dict[str, int]:
     vocab_end = 256 + len(SPECIAL_TOKENS) + NUM_SPEECH_TOKENS  # bytes, specials, speech
-    ids = {"<|endoftext|>": 256, "<|im_end|>": 258, f"<|s_{NUM_SPEECH_TOKENS - 1}|>": vocab_end - 1}
-    shapes = _parameter_shapes(_config(spec, ids))
-    return sum(math.prod(shape) for shape in shapes.values())
+    return {
+        "<|endoftext|>": 256,
+        "<|im_end|>": 258,
+        f"<|s_{NUM_SPEECH_TOKENS - 1}|>": vocab_end - 1,
+    }
+
+
+def parameter_count(size: str, arch: str = DEFAULT_ARCH) -> int:
+    """Parameters of the demo model `arch`/`size`, without building it."""
+    config = _config(arch, demo_spec(arch, size), _placeholder_ids())
+    return sum(math.prod(shape) for shape in _parameter_shapes(arch, config).values())
 
 
 def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
@@ -196,17 +341,22 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, 
 
 
 def _wire_end_of_utterance(
-    weights: dict[str, torch.Tensor], ids: dict[str, int], spec: DemoSpec, num_layers: int
+    weights: dict[str, torch.Tensor], ids: dict[str, int], spec: DemoSpec, arch: Architecture
 ) -> list[int]:
     """Makes a few speech tokens ("closing" tokens) be followed by <|im_end|>; returns their codes.
 
-    Hidden channel 0 is reserved: no layer writes to it (row 0 of every o_proj and down_proj is
+    Hidden channel 0 is reserved: no layer writes to it (row 0 of every residual writer is
     zero), so at the last position it holds exactly the embedding of the last token. Closing
     tokens carry a large value there, every other token zero. The final norm then leaves a
-    large positive entry in channel 0 after a closing token, and lm_head's <|im_end|> row reads
-    only that channel, lifting the end token's logit far above the ~12800 speech tokens.
-    With random weights the speech tokens are drawn near uniformly, so the chance of a closing
-    token, hence of the end, is (number of closing tokens) / 12800 per step.
+    large positive entry in channel 0 after a closing token (about sqrt(hidden_size)), and the
+    output head's column 0 turns that into a logit for <|im_end|> far above the ~12800 speech
+    tokens. With random weights the speech tokens are drawn near uniformly, so the chance of a
+    closing token, hence of the end, is (number of closing tokens) / 12800 per step.
+
+    Untied head: only <|im_end|>'s row reads channel 0. Tied head (LFM2): the head is the
+    embedding, so after a closing token the closing tokens' own logits rise as well;
+    <|im_end|> then gets a slightly larger channel-0 entry than they have, which puts its logit
+    the same margin above theirs.
     """
     num_closing = max(1, round(NUM_SPEECH_TOKENS / spec.mean_tokens))
     gen = torch.Generator().manual_seed(spec.seed + 1)
@@ -217,49 +367,54 @@ def _wire_end_of_utterance(
     embed[:, 0] = 0.0
     # Far above the rest of the residual stream (all channels together reach an RMS of ~1
     # after 12 random layers), so that channel 0 carries nearly all of the final norm's RMS.
-    embed[[first_speech + c for c in closing], 0] = 100.0
-    for i in range(num_layers):
-        weights[f"model.layers.{i}.self_attn.o_proj.weight"][0, :] = 0.0
-        weights[f"model.layers.{i}.mlp.down_proj.weight"][0, :] = 0.0
-    lm_head = weights["lm_head.weight"]
-    lm_head[:, 0] = 0.0
-    # After the final RMSNorm, channel 0 is then close to sqrt(hidden_size); scale the end
-    # token's weight so that its logit lands near 30 (certain, even at temperature 1).
-    lm_head[ids["<|im_end|>"], 0] = 30.0 / spec.hidden_size**0.5
+    closing_value = 100.0
+    embed[[first_speech + c for c in closing], 0] = closing_value
+    for name, weight in weights.items():
+        if name.startswith("model.layers.") and name.endswith(arch.residual_writers):
+            weight[0, :] = 0.0
+    # The end token's logit lands ~30 above the rest (certain, even at temperature 1).
+    margin = 30.0 / spec.hidden_size**0.5
+    if arch.tie_word_embeddings:
+        embed[ids["<|im_end|>"], 0] = closing_value + margin
+    else:
+        lm_head = weights["lm_head.weight"]
+        lm_head[:, 0] = 0.0
+        lm_head[ids["<|im_end|>"], 0] = margin
     return closing
 
 
-def _readme(size: str, spec: DemoSpec, num_params: int) -> str:
+def _readme(arch: str, size: str, spec: DemoSpec, num_params: int) -> str:
     return (
-        f"# MioTTS demo LLM ({size}): RANDOM WEIGHTS\n\n"
+        f"# MioTTS demo LLM ({arch}, {size}): RANDOM WEIGHTS\n\n"
         "Built locally by `python -m miotts_stream.demo_model`. It is not a trained model: it\n"
         "writes MioTTS speech tokens of the right kind at the right pace, not speech.\n\n"
-        f"- architecture: Qwen3ForCausalLM, {num_params / 1e6:.1f}M parameters, float32\n"
+        f"- architecture: {ARCHITECTURES[arch].hf_class}, {num_params / 1e6:.1f}M parameters, "
+        "float32\n"
         f"- shape: {json.dumps(asdict(spec))}\n"
         "- tokens: byte-level text, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, then\n"
         "  `<|s_0|>` .. `<|s_12799|>` contiguous\n"
     )
 
 
-def build_demo_model(size: str, out_dir: Path) -> Path:
-    """Writes the demo model of `size` into `out_dir` (created or overwritten); returns it."""
+def build_demo_model(size: str, out_dir: Path, arch: str = DEFAULT_ARCH) -> Path:
+    """Writes the demo model `arch`/`size` into `out_dir` (created or overwritten); returns it."""
     from safetensors.torch import save_file
 
-    if size not in SIZES:
-        raise ValueError(f"unknown demo model size {size!r}; choose from {sorted(SIZES)}")
-    spec = SIZES[size]
+    spec = demo_spec(arch, size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     ids = build_tokenizer(out_dir)
-    config = _config(spec, ids)
-    weights = _random_weights(_parameter_shapes(config), spec.seed)
-    closing = _wire_end_of_utterance(weights, ids, spec, config.num_hidden_layers)
+    config = _config(arch, spec, ids)
+    weights = _random_weights(_parameter_shapes(arch, config), spec.seed)
+    closing = _wire_end_of_utterance(weights, ids, spec, ARCHITECTURES[arch])
     num_params = sum(t.numel() for t in weights.values())
 
     config_dict = config.to_dict()
+    config_dict.update(_published_keys(arch, spec))
     config_dict[DEMO_MARKER] = {
         "random_weights": True,
+        "arch": arch,
         "size": size,
         "build_version": BUILD_VERSION,
         "num_parameters": num_params,
@@ -277,7 +432,7 @@ def build_demo_model(size: str, out_dir: Path) -> Path:
         str(out_dir / "model.safetensors"),
         metadata={"format": "pt"},
     )
-    (out_dir / "README.md").write_text(_readme(size, spec, num_params))
+    (out_dir / "README.md").write_text(_readme(arch, size, spec, num_params))
     return out_dir
 
 
@@ -297,42 +452,50 @@ def is_demo_model(model_dir: Path | str) -> bool:
         return False
 
 
-def _is_current_build(model_dir: Path, size: str) -> bool:
+def _is_current_build(model_dir: Path, arch: str, size: str) -> bool:
     try:
         marker = json.loads((model_dir / "config.json").read_text())[DEMO_MARKER]
     except (OSError, ValueError, KeyError):
         return False
     return (
-        marker.get("size") == size
+        marker.get("arch") == arch
+        and marker.get("size") == size
         and marker.get("build_version") == BUILD_VERSION
         and (model_dir / "model.safetensors").is_file()
         and (model_dir / "tokenizer.json").is_file()
     )
 
 
-def ensure_demo_model(size: str = "small", cache_dir: Path | None = None) -> Path:
-    """Returns the cached demo model of `size`, building it first when missing or outdated.
+def _cache_name(arch: str, size: str) -> str:
+    # Qwen3 keeps the plain size as its folder name (and so its "vllm:tiny" source name).
+    return size if arch == DEFAULT_ARCH else f"{arch}-{size}"
+
+
+def ensure_demo_model(
+    size: str = "small", cache_dir: Path | None = None, arch: str = DEFAULT_ARCH
+) -> Path:
+    """Returns the cached demo model `arch`/`size`, building it first when missing or outdated.
 
     The build goes to a temporary sibling folder that is renamed into place, so a crash or a
     concurrent build never leaves a half-written model where a loader would find it.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown demo model size {size!r}; choose from {sorted(SIZES)}")
+    demo_spec(arch, size)  # a clear error for an unknown name, before touching the cache
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / size
-    if _is_current_build(target, size):
+    name = _cache_name(arch, size)
+    target = root / name
+    if _is_current_build(target, arch, size):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        build_demo_model(size, staging)
+        build_demo_model(size, staging, arch)
         if target.exists():
             shutil.rmtree(target)
         try:
             staging.rename(target)
         except OSError:
             # Another process won the race; its build is the same (deterministic).
-            if not _is_current_build(target, size):
+            if not _is_current_build(target, arch, size):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -341,12 +504,16 @@ def ensure_demo_model(size: str = "small", cache_dir: Path | None = None) -> Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCH)
+    parser.add_argument("--size", choices=sorted(SIZES[DEFAULT_ARCH]), default="small")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the model into")
     args = parser.parse_args()
-    out = build_demo_model(args.size, args.out)
+    out = build_demo_model(args.size, args.out, args.arch)
     marker = json.loads((out / "config.json").read_text())[DEMO_MARKER]
-    print(f"wrote {args.size} demo model ({marker['num_parameters'] / 1e6:.1f}M params) to {out}")
+    print(
+        f"wrote {args.arch} {args.size} demo model "
+        f"({marker['num_parameters'] / 1e6:.1f}M params) to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The random-weight demo LLM: built locally, deterministic, cached, a real Qwen3 checkpoint."""
+"""The random-weight demo LLMs: built locally, deterministic, cached, real Qwen3, Falcon-H1 and
+LFM2 checkpoints."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from miotts_stream.demo_model import (
+    ARCHITECTURES,
     CHAT_TEMPLATE,
     build_demo_model,
     ensure_demo_model,
@@ -93,9 +95,23 @@ def test_tokenizer_layout_and_chat_template(tiny: Path) -> None:
     assert tokenizer.decode(ids[:-1]) == text
 
 
-def test_transformers_loads_it_and_closing_tokens_end_the_utterance(tiny: Path) -> None:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("family")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_transformers_loads_it_and_closing_tokens_end_the_utterance(
+    arch: str, tiny: Path, cache: Path
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if arch != "qwen3":
+        tiny = ensure_demo_model("tiny", cache_dir=cache, arch=arch)
+    config = json.loads((tiny / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURES[arch].hf_class]
+    assert config["miotts_demo"]["arch"] == arch
+    assert config["miotts_demo"]["num_parameters"] == parameter_count("tiny", arch)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     closing = json.loads((tiny / "config.json").read_text())["miotts_demo"]["closing_speech_codes"]
@@ -115,17 +131,36 @@ def test_transformers_loads_it_and_closing_tokens_end_the_utterance(tiny: Path) 
 
 def test_command_line(tmp_path: Path) -> None:
     out = tmp_path / "model"
+    command = [sys.executable, "-m", "miotts_stream.demo_model", "--arch", "lfm2"]
     result = subprocess.run(
-        [sys.executable, "-m", "miotts_stream.demo_model", "--size", "tiny", "--out", str(out)],
+        [*command, "--size", "tiny", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "tiny demo model" in result.stdout
+    assert "lfm2 tiny demo model" in result.stdout
     assert is_demo_model(out) and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Lfm2ForCausalLM"]
+
+
+def test_published_config_keys(cache: Path) -> None:
+    """Keys vLLM reads that transformers 5 does not write: the build adds them."""
+    lfm2 = json.loads((ensure_demo_model("tiny", cache, "lfm2") / "config.json").read_text())
+    assert lfm2["conv_dim"] == lfm2["block_dim"] == lfm2["hidden_size"]
+    assert lfm2["tie_word_embeddings"] is True  # as vLLM's LFM2 always ties the head
+    assert len(lfm2["layer_types"]) == lfm2["num_hidden_layers"]
+    assert set(lfm2["layer_types"]) == {"conv", "full_attention"}
+    falcon = json.loads((ensure_demo_model("tiny", cache, "falcon_h1") / "config.json").read_text())
+    assert falcon["mamba_d_ssm"] == falcon["mamba_n_heads"] * falcon["mamba_d_head"]
+    assert falcon["mamba_chunk_size"] == 128 and falcon["mamba_rms_norm"] is True
+    # The small builds stand in for MioTTS-0.1B and the smaller LFM2 models.
+    assert 60e6 < parameter_count("small", "lfm2") < 160e6
+    assert 60e6 < parameter_count("small", "falcon_h1") < 160e6
 
 
 def test_unknown_size_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size"):
         ensure_demo_model("huge", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="architecture"):
+        ensure_demo_model("tiny", cache_dir=tmp_path, arch="llama")

@@ -7,6 +7,7 @@ speech tokens) and `OpenAITokenSource` (a server the user runs: `vllm serve`, ll
 from .base import (
     NUM_SPEECH_CODES,
     TOKENS_PER_SECOND,
+    EngineState,
     LLMError,
     LLMRequestError,
     LLMUnavailableError,
@@ -19,16 +20,27 @@ from .base import (
 )
 from .openai_source import OpenAITokenSource, OpenAITokenStream
 from .speech_tokens import SpeechTextParser, SpeechVocabulary
-from .vllm_source import VLLMEngineOptions, VLLMTokenSource, VLLMTokenStream, build_engine
+from .vllm_source import (
+    ModelConfigError,
+    RestartPolicy,
+    VLLMEngineOptions,
+    VLLMTokenSource,
+    VLLMTokenStream,
+    build_engine,
+    parse_engine_arg,
+)
 
 __all__ = [
     "NUM_SPEECH_CODES",
     "TOKENS_PER_SECOND",
+    "EngineState",
     "LLMError",
     "LLMRequestError",
     "LLMUnavailableError",
+    "ModelConfigError",
     "OpenAITokenSource",
     "OpenAITokenStream",
+    "RestartPolicy",
     "RunawayGuard",
     "SamplingOptions",
     "SpeechTextParser",
@@ -40,5 +52,6 @@ __all__ = [
     "VLLMTokenStream",
     "build_engine",
     "chat_messages",
+    "parse_engine_arg",
     "token_budget",
 ]

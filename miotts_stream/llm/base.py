@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import math
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -26,6 +28,18 @@ class LLMUnavailableError(LLMError):
 
 class LLMRequestError(LLMError):
     """The LLM refused the request as invalid (bad options, text too long, unknown model)."""
+
+
+class EngineState(enum.Enum):
+    """Whether a source's engine can take requests (sources that run one in process)."""
+
+    SERVING = "serving"
+    RESTARTING = "restarting"  # it died; a new one is starting
+    DEAD = "dead"  # it died and will not be restarted
+    CLOSED = "closed"  # shut down on purpose
+
+
+EngineStateListener = Callable[[EngineState], None]
 
 
 @dataclass

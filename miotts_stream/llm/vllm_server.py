@@ -20,7 +20,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .vllm_source import VLLMEngineOptions, engine_args
+from .vllm_source import (
+    ModelConfigError,
+    VLLMEngineOptions,
+    engine_args,
+    load_model_config,
+    model_architecture,
+)
+
+# Switches that engine_args may turn off, which `vllm serve` takes as --no-NAME.
+_NEGATABLE = {"enable_chunked_prefill", "enable_prefix_caching"}
 
 
 def free_port() -> int:
@@ -30,13 +39,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_args(options: VLLMEngineOptions) -> list[str]:
+def server_args(options: VLLMEngineOptions, architecture: str | None = None) -> list[str]:
     """Command-line flags for `vllm serve` that match `build_engine(model, options)`."""
     args = []
-    for key, value in engine_args(options).items():
+    for key, value in engine_args(options, architecture).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)
+        elif value is False and key in _NEGATABLE:
+            args.append("--no-" + key.replace("_", "-"))
         elif value is not None and value is not False:
             args += [flag, str(value)]
     return args
@@ -88,7 +99,11 @@ class VLLMServer:
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.served_model_name:
             cmd += ["--served-model-name", self.served_model_name]
-        return cmd + server_args(self.options) + self.extra_args
+        try:
+            architecture = model_architecture(load_model_config(self.model))
+        except (ModelConfigError, OSError):
+            architecture = None  # vllm serve reports what it cannot load
+        return cmd + server_args(self.options, architecture) + self.extra_args
 
     def start(self) -> VLLMServer:
         """Launches the server and returns at once; `wait_ready` waits for it."""

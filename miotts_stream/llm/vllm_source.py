@@ -5,13 +5,20 @@ vLLM is imported only when an engine is built, so the rest of the package stays 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import (
+    EngineState,
+    EngineStateListener,
     LLMError,
     LLMRequestError,
     LLMUnavailableError,
@@ -47,6 +54,151 @@ class VLLMEngineOptions:
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # passed to AsyncEngineArgs
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """What happens when the engine core dies: restart with exponential backoff, or not.
+
+    Deaths within `stable_after_s` of a restart count as one crash loop, so each waits longer
+    (`initial_delay_s` doubling up to `max_delay_s`); a longer healthy run starts over.
+    """
+
+    enabled: bool = True
+    initial_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    stable_after_s: float = 120.0
+    poll_interval_s: float = 0.1  # how often the engine's liveness is looked at
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_delay_s, self.initial_delay_s * 2 ** max(0, failures))
+
+
+# What each architecture of the MioTTS family needs from the engine, by Hugging Face class.
+QWEN3 = "Qwen3ForCausalLM"
+FALCON_H1 = "FalconH1ForCausalLM"
+LFM2 = "Lfm2ForCausalLM"
+FAMILY = (QWEN3, FALCON_H1, LFM2)
+# Keys vLLM's model code reads with no default, beyond what every causal LM has. transformers
+# 5 no longer writes LFM2's `conv_dim` and `block_dim`; every published LFM2 config has them.
+REQUIRED_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    QWEN3: (),
+    FALCON_H1: ("mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_d_state"),
+    LFM2: ("layer_types", "conv_dim", "conv_L_cache", "block_dim"),
+}
+COMMON_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# Hybrid models whose per-request state is a recurrent (Mamba2 / short-convolution) state.
+RECURRENT = (FALCON_H1, LFM2)
+
+
+class ModelConfigError(ValueError):
+    """The model's config.json lacks or contradicts what the engine needs; names the key."""
+
+
+def load_model_config(model: str | Path) -> dict[str, Any]:
+    """config.json of a local folder or a hub id, as written (not as transformers reads it:
+    that fills in defaults and hides missing keys)."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        if Path(model).exists():
+            raise ModelConfigError(f"{model}: no config.json in the model folder")
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(model), "config.json"))
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ModelConfigError(f"{path}: not valid JSON: {err}") from err
+
+
+def model_architecture(config: dict[str, Any]) -> str:
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise ModelConfigError("config.json: 'architectures' is missing or empty")
+    return architectures[0]
+
+
+def validate_model_config(config: dict[str, Any], model: str | Path = "model") -> str:
+    """Checks that vLLM can build `config`'s architecture from it; returns the architecture.
+
+    Raises ModelConfigError naming the first missing or inconsistent key, instead of the
+    engine core failing its start with an AttributeError in a child process.
+    """
+    arch = model_architecture(config)
+    if arch not in FAMILY:
+        logger.warning("%s: %s is not a MioTTS architecture (%s)", model, arch, ", ".join(FAMILY))
+    for key in (*COMMON_CONFIG_KEYS, *REQUIRED_CONFIG_KEYS.get(arch, ())):
+        if config.get(key) is None:
+            hint = ""
+            if arch == LFM2 and key in ("conv_dim", "block_dim"):
+                hint = (
+                    f" (published LFM2 checkpoints carry it; it is the hidden size: add "
+                    f'"{key}": {config.get("hidden_size")} to config.json)'
+                )
+            raise ModelConfigError(f"{model}: config.json has no {key!r}, which {arch} needs{hint}")
+    num_layers = config["num_hidden_layers"]
+    if arch == LFM2 and len(config["layer_types"]) != num_layers:
+        raise ModelConfigError(
+            f"{model}: config.json 'layer_types' lists {len(config['layer_types'])} layers, "
+            f"'num_hidden_layers' says {num_layers}"
+        )
+    if arch == FALCON_H1:
+        d_ssm, heads, d_head = (config[k] for k in ("mamba_d_ssm", "mamba_n_heads", "mamba_d_head"))
+        if d_ssm != heads * d_head:
+            raise ModelConfigError(
+                f"{model}: config.json 'mamba_d_ssm' is {d_ssm}, but 'mamba_n_heads' x "
+                f"'mamba_d_head' is {heads * d_head}"
+            )
+    return arch
+
+
+def architecture_engine_args(architecture: str | None, device: str) -> dict[str, Any]:
+    """Engine settings an architecture needs on `device` ("cpu" or "cuda"), from evidence.
+
+    - CPU, Falcon-H1 and LFM2: no prefix caching. With it, vLLM splits a recurrent model's
+      prefill at every cache block (128 tokens), and Falcon-H1's Mamba2 kernel fails with
+      "index 1 is out of bounds" for any prompt over 128 tokens.
+    - CPU, Falcon-H1 and LFM2: no chunked prefill either. Seeded requests whose prompts together
+      exceed one step's token budget (4 of ~1000 tokens) kill LFM2's engine core: the runner
+      rewinds the seeded generator of a partly prefilled request, which CPU generators cannot
+      ("CPU Generator does not use offset"). Qwen3 ran the same load with chunked prefill.
+      Whole prompts need a budget of at least max_model_len, which engine_args sets.
+    - Falcon-H1: Mamba state in float32 (vLLM's choice for other Mamba2 hybrids, whose bf16
+      states lose accuracy over long sequences); a no-op where the model runs in float32.
+    """
+    args: dict[str, Any] = {}
+    if device == "cpu" and architecture in RECURRENT:
+        args["enable_prefix_caching"] = False
+        args["enable_chunked_prefill"] = False
+    if architecture == FALCON_H1:
+        args["mamba_ssm_cache_dtype"] = "float32"
+    return args
+
+
+def parse_engine_arg(text: str) -> tuple[str, Any]:
+    """ "KEY=VALUE" from the command line: VALUE is read as JSON when it parses (numbers,
+    true/false, null, lists, objects), else kept as a string. KEY may use dashes."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise ValueError(f"--engine-arg {text!r}: expected KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def check_engine_arg_names(names: Any) -> None:
+    """Raises ValueError naming the first that is not a vLLM engine argument."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--engine-arg {name}: not an argument of vLLM's engine")
+
+
 def _vllm_device() -> str:
     from vllm.platforms import current_platform
 
@@ -60,9 +212,11 @@ def _cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def engine_args(options: VLLMEngineOptions) -> dict[str, Any]:
+def engine_args(options: VLLMEngineOptions, architecture: str | None = None) -> dict[str, Any]:
     """vLLM engine arguments (AsyncEngineArgs fields) for `options`, defaults resolved for the
-    installed vLLM's device. The in-process engine and `vllm serve` both start from these."""
+    installed vLLM's device and the model's `architecture` (its Hugging Face class); the
+    caller's `extra_engine_args` win. The in-process engine and `vllm serve` both start from
+    these."""
     device = _vllm_device()
     if options.device.split(":")[0] not in ("auto", device):  # "cuda:0" names the device type
         raise ValueError(
@@ -89,21 +243,35 @@ def engine_args(options: VLLMEngineOptions) -> dict[str, Any]:
         "max_num_seqs": options.max_num_seqs,
         "seed": options.seed,
     }
+    args.update(architecture_engine_args(architecture, device))
+    if on_cpu and not args.get("enable_chunked_prefill", True):
+        # Without chunked prefill, a prompt must fit one step's token budget.
+        args["max_num_batched_tokens"] = max(options.max_model_len, 2048)
     args.update(options.extra_engine_args)
     return args
 
 
 def build_engine(model: str | Path, options: VLLMEngineOptions | None = None) -> AsyncLLM:
-    """Starts a vLLM v1 AsyncLLM for `model` (a local folder or a hub id vLLM can reach)."""
+    """Starts a vLLM v1 AsyncLLM for `model` (a local folder or a hub id vLLM can reach).
+
+    The model's config is checked first (ModelConfigError names a missing key), and so are
+    the names in `options.extra_engine_args` (ValueError)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     options = options or VLLMEngineOptions()
-    args = engine_args(options)
-    logger.info("starting vLLM engine for %s: %s", model, args)
+    architecture = validate_model_config(load_model_config(model), model)
+    check_engine_arg_names(options.extra_engine_args)
+    args = engine_args(options, architecture)
+    logger.info("starting vLLM engine for %s (%s): %s", model, architecture, args)
     return AsyncLLM.from_engine_args(
         AsyncEngineArgs(model=str(model), disable_log_stats=True, **args)
     )
+
+
+# What a client reads when the engine died under its request: no vLLM internals.
+ENGINE_RESTARTING = "the speech engine stopped unexpectedly and is restarting; retry shortly"
+ENGINE_DEAD = "the speech engine stopped unexpectedly"
 
 
 class VLLMTokenSource:
@@ -111,6 +279,12 @@ class VLLMTokenSource:
 
     Build with `VLLMTokenSource.from_model(path, VLLMEngineOptions(...))` (blocking: the engine
     starts its worker processes), or wrap an engine you built. `close()` shuts the engine down.
+
+    A source built by `from_model` owns its engine and watches it: when the engine core dies
+    (a crash, a kill, out of memory), `state` turns RESTARTING at once, requests in flight end
+    with LLMUnavailableError, and a new engine is started with backoff (`restart`); `state`
+    is SERVING again when it is up. With restarts off it turns DEAD and stays so. Listeners
+    (`add_state_listener`) hear every change, in the event loop's thread.
     """
 
     def __init__(
@@ -121,6 +295,8 @@ class VLLMTokenSource:
         guard: RunawayGuard | None = None,
         restrict_to_speech: bool = True,
         extra_sampling: dict[str, Any] | None = None,
+        engine_factory: Callable[[], AsyncLLM] | None = None,
+        restart: RestartPolicy | None = None,
     ) -> None:
         self._engine: AsyncLLM | None = engine
         self.model_name = model_name or engine.model_config.model
@@ -136,6 +312,17 @@ class VLLMTokenSource:
             self.tokenizer, engine.model_config.get_vocab_size()
         )
         self._allowed_token_ids = self.vocab.allowed_token_ids()
+        # Supervision: only a source that can build its engine again watches it.
+        self._engine_factory = engine_factory
+        self.restart_policy = restart or RestartPolicy()
+        self._state = EngineState.SERVING
+        self._listeners: list[EngineStateListener] = []
+        self.restarts = 0  # engines started again after a death
+        self._watcher: asyncio.Task | None = None
+        self._pending_engine: asyncio.Future | None = None  # a restart under way
+        self._death_seen = asyncio.Event()  # a request saw the engine dead: look now
+        if engine_factory is not None:
+            self._watch_soon()
 
     @classmethod
     def from_model(
@@ -146,7 +333,9 @@ class VLLMTokenSource:
         guard: RunawayGuard | None = None,
         restrict_to_speech: bool = True,
         extra_sampling: dict[str, Any] | None = None,
+        restart: RestartPolicy | None = None,
     ) -> VLLMTokenSource:
+        options = options or VLLMEngineOptions()
         engine = build_engine(model, options)
         try:
             source = cls(
@@ -155,6 +344,8 @@ class VLLMTokenSource:
                 guard=guard,
                 restrict_to_speech=restrict_to_speech,
                 extra_sampling=extra_sampling,
+                engine_factory=lambda: build_engine(model, options),
+                restart=restart,
             )
         except BaseException:
             engine.shutdown()
@@ -167,8 +358,104 @@ class VLLMTokenSource:
     @property
     def engine(self) -> AsyncLLM:
         if self._engine is None:
-            raise LLMUnavailableError("the vLLM engine is shut down")
+            raise LLMUnavailableError(self._unavailable_reason())
         return self._engine
+
+    def _unavailable_reason(self) -> str:
+        if self._state is EngineState.RESTARTING:
+            return ENGINE_RESTARTING
+        if self._state is EngineState.DEAD:
+            return ENGINE_DEAD
+        return "the vLLM engine is shut down"
+
+    @property
+    def _can_restart(self) -> bool:
+        return self.restart_policy.enabled and self._engine_factory is not None
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def add_state_listener(self, listener: EngineStateListener) -> None:
+        """Calls `listener(state)` on every change of `state` (not for the current one)."""
+        self._listeners.append(listener)
+        self._watch_soon()
+
+    def _set_state(self, state: EngineState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        logger.log(
+            logging.INFO if state in (EngineState.SERVING, EngineState.CLOSED) else logging.ERROR,
+            "speech engine: %s",
+            state.value,
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("engine state listener failed")
+
+    def _watch_soon(self) -> None:
+        """Starts the watcher once an event loop runs (from_model may be called outside one)."""
+        if self._watcher is not None or self._engine_factory is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._watcher = loop.create_task(self._watch(), name="vllm-engine-watcher")
+
+    async def _watch(self) -> None:
+        policy = self.restart_policy
+        failures = 0
+        started = time.monotonic()
+        while self._state is not EngineState.CLOSED:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._death_seen.wait(), policy.poll_interval_s)
+            self._death_seen.clear()
+            engine = self._engine
+            if engine is None or not engine.errored:
+                continue
+            # vLLM's own monitor marks the engine dead when its core process exits; requests
+            # in flight get EngineDeadError from their output queues.
+            if time.monotonic() - started > policy.stable_after_s:
+                failures = 0
+            self._engine = None
+            can_restart = self._can_restart
+            self._set_state(EngineState.RESTARTING if can_restart else EngineState.DEAD)
+            _shutdown(engine)
+            del engine
+            if not can_restart:
+                return
+            while self._state is EngineState.RESTARTING:
+                await asyncio.sleep(policy.delay(failures))
+                failures += 1
+                if await self._start_new_engine():
+                    started = time.monotonic()
+                    break
+
+    async def _start_new_engine(self) -> bool:
+        """One restart attempt; True when the new engine serves."""
+        loop = asyncio.get_running_loop()
+        # In a thread: the engine takes seconds to start, and health checks must be answered
+        # meanwhile. Without a running loop there, AsyncLLM starts its output task on first use.
+        self._pending_engine = future = loop.run_in_executor(None, self._engine_factory)
+        try:
+            # Shielded: close() cancels this task but must still get the engine, to shut it down.
+            engine = await asyncio.shield(future)
+        except Exception:
+            logger.exception("restarting the speech engine failed; trying again")
+            return False
+        finally:
+            self._pending_engine = None
+        if self._state is not EngineState.RESTARTING:
+            _shutdown(engine)
+            return False
+        self._engine = engine
+        self.restarts += 1
+        self._set_state(EngineState.SERVING)
+        return True
 
     @property
     def name(self) -> str:
@@ -208,7 +495,11 @@ class VLLMTokenSource:
         language: str = "auto",
     ) -> VLLMTokenStream:
         if self._engine is None:
-            raise LLMUnavailableError("the vLLM engine is shut down")
+            raise LLMUnavailableError(self._unavailable_reason())
+        if self._engine.errored:
+            self._death_seen.set()
+            raise LLMUnavailableError(ENGINE_RESTARTING if self._can_restart else ENGINE_DEAD)
+        self._watch_soon()
         try:
             options.validate()
         except ValueError as err:
@@ -231,13 +522,30 @@ class VLLMTokenSource:
 
     async def close(self) -> None:
         """Shuts the engine down (and with it any other source built on the same engine)."""
+        self._set_state(EngineState.CLOSED)
+        pending = self._pending_engine  # an engine starting in a thread: wait and stop it
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if pending is not None:
+            with contextlib.suppress(Exception):  # one that failed to start left nothing
+                _shutdown(await pending)
         engine, self._engine = self._engine, None
         if engine is not None:
-            engine.shutdown()
+            _shutdown(engine)
             # Let the engine be collected now: vLLM's AsyncLLM.__del__ shuts down again, which
             # fails noisily when it only runs at interpreter exit.
             del engine
             gc.collect()
+
+
+def _shutdown(engine: AsyncLLM) -> None:
+    try:
+        engine.shutdown()
+    except Exception:  # a dead engine may fail parts of its own cleanup; nothing to keep
+        logger.exception("shutting down the vLLM engine failed")
 
 
 class VLLMTokenStream(TokenStream):
@@ -251,14 +559,15 @@ class VLLMTokenStream(TokenStream):
         self._prompt = prompt
         self._params = params
         self._outputs = None  # vLLM's generate() generator, made on the first step
+        self._engine: AsyncLLM | None = None  # the engine it runs on (a restart makes another)
 
     async def _receive(self) -> None:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        engine = self._source.engine
         try:
             if self._outputs is None:
+                self._engine = engine = self._source.engine
                 # The prompt is token ids already; the renderer only wraps them for the engine.
                 prompt = {"prompt_token_ids": self._prompt}
                 (engine_input,) = engine.renderer.render_cmpl([prompt])
@@ -268,7 +577,11 @@ class VLLMTokenStream(TokenStream):
             self._end("stop")
             return
         except EngineDeadError as err:
-            raise LLMUnavailableError(f"the vLLM engine died: {err}") from err
+            # vLLM's wording points at its own log; the client gets ours.
+            logger.error("request %s: the vLLM engine died under it", self.request_id)
+            self._source._death_seen.set()
+            restarting = self._source._can_restart
+            raise LLMUnavailableError(ENGINE_RESTARTING if restarting else ENGINE_DEAD) from err
         except GracefulHTTPError as err:  # admission control: the engine is full
             raise LLMUnavailableError(f"vLLM refused the request: {err}") from err
         except (VLLMClientError, ValueError) as err:
@@ -290,8 +603,8 @@ class VLLMTokenStream(TokenStream):
             await self._release()
 
     async def _abort(self) -> None:
-        engine = self._source._engine
-        if self._outputs is not None and engine is not None:
+        engine = self._engine
+        if self._outputs is not None and engine is not None and not engine.errored:
             # By id rather than by closing the generator: this works while another task is
             # inside it; vLLM drops the request at once and ends the generator's loop.
             await engine.abort(self.request_id)
@@ -300,3 +613,5 @@ class VLLMTokenStream(TokenStream):
         outputs = self._outputs
         if outputs is not None and not outputs.ag_running:
             await outputs.aclose()
+        if self._exhausted:
+            self._engine = None  # a dead engine is freed once its last stream lets go

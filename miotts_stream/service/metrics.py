@@ -46,6 +46,11 @@ class ServiceMetrics:
             "Stream windows decoded in those steps (a counter)",
             registry=self.registry,
         )
+        self.engine_restarts = Counter(
+            "miotts_engine_restarts",
+            "Times the in-process speech engine was started again after its core died",
+            registry=self.registry,
+        )
         self._http = None
 
     def watch_decoder(self, scheduler) -> None:

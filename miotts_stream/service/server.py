@@ -12,6 +12,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -20,9 +21,11 @@ from grpc_reflection.v1alpha import reflection
 
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
 from miotts_stream.codec.decoder import RELEASED_CONFIGS
-from miotts_stream.demo_model import ensure_demo_model, is_demo_model
+from miotts_stream.demo_model import DEFAULT_ARCH, ensure_demo_model, is_demo_model
 from miotts_stream.llm import (
+    EngineState,
     OpenAITokenSource,
+    RestartPolicy,
     TokenSource,
     VLLMEngineOptions,
     VLLMTokenSource,
@@ -43,6 +46,8 @@ CODEC_DTYPES = {
     "float16": torch.float16,
 }
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
+# The process's exit status when --exit-on-engine-death ends it (for an orchestrator).
+ENGINE_DEATH_EXIT_CODE = 3
 
 
 @dataclass
@@ -70,6 +75,9 @@ class ServerOptions:
     max_text_chars: int = 10000
     max_batch: int = 32
     codec_dtype: str = "auto"  # auto: bfloat16 on CUDA (as upstream), float32 on CPU
+    demo_arch: str = DEFAULT_ARCH  # architecture of the built-in demo model (no --model)
+    engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
+    exit_on_engine_death: bool = False  # instead of restarting the engine in process
 
 
 async def build_engine(options: ServerOptions) -> SpeechEngine:
@@ -108,7 +116,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
     else:
         model = options.model
         if model is None:
-            model = str(ensure_demo_model("small"))
+            model = str(ensure_demo_model("small", arch=options.demo_arch))
         if is_demo_model(model):
             random_parts.append("speech LLM")
         engine_options = VLLMEngineOptions(
@@ -118,8 +126,10 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
             gpu_memory_utilization=options.gpu_memory_utilization,
             kv_cache_gib=options.kv_cache_gib,
             enforce_eager=True if options.enforce_eager else None,  # None: eager on CPU only
+            extra_engine_args=dict(options.engine_args),
         )
-        source = VLLMTokenSource.from_model(model, engine_options)
+        restart = RestartPolicy(enabled=not options.exit_on_engine_death)
+        source = VLLMTokenSource.from_model(model, engine_options, restart=restart)
         model_name = model
     logger.info("speech LLM: %s", model_name)
     if random_parts:
@@ -160,6 +170,9 @@ class MioTTSServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._lag_watch: asyncio.Task | None = None
+        # Set when the engine died for good (restarts off: --exit-on-engine-death).
+        self.engine_died = asyncio.Event()
+        self._health_updates: set[asyncio.Task] = set()
 
     async def start(self) -> int:
         servicer = TextToSpeechServicer(self.engine, self.metrics, self.options.default_voice)
@@ -174,6 +187,9 @@ class MioTTSServer:
         await self.grpc.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        add_state_listener = getattr(self.engine.source, "add_state_listener", None)
+        if add_state_listener is not None:  # an in-process engine: its state is our health
+            add_state_listener(self._on_engine_state)
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
         self.metrics.watch_decoder(self.engine.scheduler)
@@ -188,6 +204,26 @@ class MioTTSServer:
             self.metrics_port,
         )
         return self.port
+
+    def _on_engine_state(self, state: EngineState) -> None:
+        """The engine's state as gRPC health: SERVING only while the engine serves."""
+        serving = state is EngineState.SERVING
+        if serving:
+            self.metrics.engine_restarts.inc()  # the first SERVING is no change: not heard
+        elif state is EngineState.DEAD:
+            self.engine_died.set()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        task = asyncio.get_running_loop().create_task(self._set_health(status))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float = 2.0) -> None:
         for name in ("", SERVICE_NAME):
@@ -214,6 +250,13 @@ async def run_server(options: ServerOptions) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.engine_died.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in waits:
+        waiting.cancel()
+    if server.engine_died.is_set():
+        logger.error("the speech engine died; exiting (--exit-on-engine-death)")
     logger.info("shutting down")
     await server.stop()
+    if server.engine_died.is_set():
+        raise SystemExit(ENGINE_DEATH_EXIT_CODE)
