@@ -20,7 +20,8 @@ SILENCE_PEAK = 1e-3
 # A sample within this distance of the clip's peak counts as clipped...
 CLIP_TOLERANCE = 1e-3
 # ... and a clip with at least this share of clipped samples is refused: it is a square wave
-# or saturated noise, and peak normalisation would not undo that.
+# or saturated noise, and peak normalisation would not undo that. Lossy codecs (MP3, Opus)
+# smear clipped stretches into ringing, so this catches clipping in PCM and FLAC input only.
 MAX_CLIPPED_SHARE = 0.5
 # Encoded input larger than this is refused before decoding (30 s of 48 kHz stereo WAV is 11 MB).
 MAX_INPUT_BYTES = 16 * 1024 * 1024

@@ -11,12 +11,14 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from miotts_stream.audio.reference import MAX_INPUT_BYTES, AudioLimits
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
 from miotts_stream.codec.decoder import RELEASED_CONFIGS
 from miotts_stream.demo_model import ensure_demo_model, is_demo_model
@@ -26,6 +28,8 @@ from miotts_stream.llm import (
     VLLMEngineOptions,
     VLLMTokenSource,
 )
+from miotts_stream.voices import SQLiteVoiceStore
+from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
 from .engine import SpeechEngine
 from .metrics import ServiceMetrics
@@ -58,6 +62,10 @@ class ServerOptions:
     metrics_port: int | None = 9400
     max_text_chars: int = 10000
     max_batch: int = 32
+    data_dir: str = ".data"  # the voice store (SQLite), shared with the voices CLI
+    ssl_model: str | None = None  # None: wavlm-base-plus with --codec, else the random WavLM
+    reference_min_seconds: float = 1.0
+    reference_max_seconds: float = 30.0
 
 
 async def build_engine(options: ServerOptions) -> SpeechEngine:
@@ -129,15 +137,25 @@ class MioTTSServer:
         self.metrics = ServiceMetrics()
         self.grpc = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # Reference audio for cloning (up to 16 MB of encoded audio) plus the message.
+                ("grpc.max_receive_message_length", MAX_INPUT_BYTES + 64 * 1024),
             ]
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        # Checked now (a bad --data-dir or limit fails at start); the encoder loads on first use.
+        self.voices = VoiceRegistry(
+            SQLiteVoiceStore(options.data_dir),
+            engine.voices,
+            partial(make_encoder, options.codec, options.ssl_model, options.device),
+            AudioLimits(options.reference_min_seconds, options.reference_max_seconds),
+        )
 
     async def start(self) -> int:
-        servicer = TextToSpeechServicer(self.engine, self.metrics, self.options.default_voice)
+        servicer = TextToSpeechServicer(
+            self.engine, self.metrics, self.options.default_voice, self.voices
+        )
         tts_pb2_grpc.add_TextToSpeechServicer_to_server(servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -164,6 +182,7 @@ class MioTTSServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.stop(grace)
+        self.voices.close()
         await self.engine.close()
         self.metrics.close()
 

@@ -40,6 +40,10 @@ class PresetVoice(Exception):
     """The voice is a built-in or configured preset: it cannot be deleted."""
 
 
+class EncoderUnavailable(RuntimeError):
+    """The speaker encoder cannot be loaded (a missing SSL model, no model hub, ...)."""
+
+
 def embed_reference_audio(
     encoder: MioCodecEncoder, data: bytes, limits: AudioLimits
 ) -> tuple[torch.Tensor, float]:
@@ -71,17 +75,24 @@ class VoiceRegistry:
         self._reference_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._reference_cache_size = reference_cache_size
         self._pending: dict[str, asyncio.Future] = {}
+        self.embeddings_computed = 0  # clips embedded so far (cache hits not counted)
 
     # ---- embedding (worker thread) --------------------------------------------------------
     def encoder(self) -> MioCodecEncoder:
         with self._encoder_lock:
             if self._encoder is None:
-                self._encoder = self._load_encoder()
+                try:
+                    self._encoder = self._load_encoder()
+                except Exception as err:
+                    logger.exception("voice cloning: cannot load the speaker encoder")
+                    raise EncoderUnavailable(f"voice cloning is unavailable: {err}") from err
                 logger.info("voice cloning: %s", self._encoder.describe())
             return self._encoder
 
     def _embed(self, data: bytes) -> tuple[torch.Tensor, float]:
-        return embed_reference_audio(self.encoder(), data, self.limits)
+        result = embed_reference_audio(self.encoder(), data, self.limits)
+        self.embeddings_computed += 1
+        return result
 
     async def embed_audio(self, data: bytes) -> tuple[torch.Tensor, float]:
         """(embedding, seconds) for encoded audio, computed on the worker thread."""
