@@ -168,3 +168,36 @@ def test_cli_create_list_export_import_delete(tmp_path, tiny_wavlm, tiny_encoder
     gone = cli(tmp_path, "delete", "--id", "me")
     assert gone.returncode == 1 and "no stored voice" in gone.stderr
     assert [r.voice_id for r in SQLiteVoiceStore(tmp_path).list()] == ["me2"]
+
+
+async def test_embedding_runs_off_the_event_loop(tmp_path, tiny_encoder):
+    """While a clone is held up inside the encoder, the event loop keeps answering: other
+    voice requests complete, and the clone finishes once released."""
+    import asyncio
+
+    from miotts_stream.codec.voices import VoiceLibrary
+    from miotts_stream.voices.registry import VoiceRegistry
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    def gated_encoder():
+        entered.set()
+        assert release.wait(timeout=60)
+        return tiny_encoder
+
+    registry = VoiceRegistry(SQLiteVoiceStore(tmp_path), VoiceLibrary(), gated_encoder)
+    try:
+        registry.store.create(record("already"))
+        clip = encode(voice_like(2.0, 24000, seed=8), 24000)
+        creating = asyncio.ensure_future(registry.create("new", clip))
+        assert await asyncio.to_thread(entered.wait, 60)
+        listed = await registry.list()  # answered while the worker is blocked
+        assert [r.voice_id for r in listed] == ["already"] and not creating.done()
+        release.set()
+        made = await asyncio.wait_for(creating, timeout=120)
+        assert made.voice_id == "new" and "new" in registry.store
+        assert registry.embeddings_computed == 1
+    finally:
+        release.set()
+        registry.close()

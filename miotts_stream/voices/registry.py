@@ -10,8 +10,10 @@ clip costs a dictionary lookup; concurrent requests for the same new clip share 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,6 +57,22 @@ def embed_reference_audio(
     )
 
 
+# Niceness added to the embedding thread: clones yield the CPU to decoding and the event loop.
+EMBED_THREAD_NICENESS = 10
+
+
+def _background_thread() -> None:
+    """Make the calling (worker) thread a background one: one intra-op thread (OpenMP's count
+    is per calling thread, so decoding keeps all of its threads) at a lower CPU priority
+    (Linux: per-thread niceness, which the thread's OpenMP helpers inherit)."""
+    torch.set_num_threads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + EMBED_THREAD_NICENESS
+        )
+
+
 class VoiceRegistry:
     def __init__(
         self,
@@ -70,8 +88,11 @@ class VoiceRegistry:
         self._load_encoder = load_encoder
         self._encoder: MioCodecEncoder | None = None
         self._encoder_lock = threading.Lock()
-        # One thread: clones queue up instead of competing with each other and with decoding.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voice-embed")
+        # One background thread: clones queue up instead of competing with each other, and
+        # streaming comes first for the CPU.
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="voice-embed", initializer=_background_thread
+        )
         self._reference_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._reference_cache_size = reference_cache_size
         self._pending: dict[str, asyncio.Future] = {}
