@@ -272,7 +272,11 @@ class SSLFeatures(torch.nn.Module):
             raise ValueError(f"ssl model {folder}: pre-norm WavLM (large) is not supported")
         # Eager attention: the relative position bias needs it, and it is what was checked.
         model, info = WavLMModel.from_pretrained(
-            folder, config=config, attn_implementation="eager", output_loading_info=True
+            folder,
+            config=config,
+            attn_implementation="eager",
+            dtype=torch.float32,  # upstream runs WavLM in float32 (outside any autocast)
+            output_loading_info=True,
         )
         problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
         # transformers loads wavlm-base-plus with a masked_spec_embed it may not find; that
