@@ -138,6 +138,32 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         f"{ENGINE_DEATH_EXIT_CODE} (for an orchestrator\n"
         "to restart) instead of restarting the engine in process",
     )
+    voices = p.add_argument_group("stored voices and cloning")
+    voices.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help=f"folder of the voice store, shared with python -m miotts_stream.voices\n"
+        f"(default {d.data_dir}/)",
+    )
+    voices.add_argument(
+        "--ssl-model",
+        default=d.ssl_model,
+        help="WavLM for cloning voices from audio: a transformers folder, a Hugging Face\n"
+        "id, or 'random' (default: microsoft/wavlm-base-plus with --codec; the built-in\n"
+        "random-weight WavLM without)",
+    )
+    voices.add_argument(
+        "--reference-min-seconds",
+        type=float,
+        default=d.reference_min_seconds,
+        help=f"shortest reference audio accepted (default {d.reference_min_seconds:g})",
+    )
+    voices.add_argument(
+        "--reference-max-seconds",
+        type=float,
+        default=d.reference_max_seconds,
+        help=f"longest reference audio accepted (default {d.reference_max_seconds:g})",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,

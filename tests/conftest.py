@@ -38,3 +38,35 @@ def tiny_decoders():
         name: MioCodecDecoder.from_pretrained(path, device="cpu")
         for name, path in TINY_CODECS.items()
     }
+
+
+def tiny_wavlm_config():
+    """A small WavLM whose width (768) fits the tiny checkpoints' global encoder."""
+    from transformers import WavLMConfig
+
+    return WavLMConfig(
+        hidden_size=768,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=256,
+        conv_dim=(32,) * 7,
+        num_buckets=32,
+        max_bucket_distance=100,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_wavlm(tmp_path_factory) -> Path:
+    """A tiny random WavLM folder in transformers format (config.json + model.safetensors)."""
+    from miotts_stream.codec.ssl import build_random_wavlm
+
+    return build_random_wavlm(tmp_path_factory.mktemp("wavlm"), tiny_wavlm_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_wavlm):
+    from miotts_stream.codec import MioCodecEncoder
+
+    return MioCodecEncoder.from_pretrained(TINY_CODECS["24khz"], ssl_model=tiny_wavlm, device="cpu")

@@ -28,10 +28,11 @@ SPT = 960  # samples per token of the 24 kHz codec
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def server():
+async def server(tmp_path_factory):
     from miotts_stream.demo_model import ensure_demo_model
 
     options = ServerOptions(
+        data_dir=str(tmp_path_factory.mktemp("voices")),
         model=str(ensure_demo_model("tiny")),
         codec=str(TINY_CODECS["24khz"]),
         device="cpu",
@@ -378,8 +379,9 @@ async def test_over_max_streams_is_resource_exhausted(stub, server):
     assert ok["summary"].generated_tokens > 0
 
 
-async def test_unreachable_llm_is_unavailable(unused_tcp_port):
+async def test_unreachable_llm_is_unavailable(unused_tcp_port, tmp_path):
     options = ServerOptions(
+        data_dir=str(tmp_path),
         codec=str(TINY_CODECS["24khz"]),
         device="cpu",
         host="127.0.0.1",

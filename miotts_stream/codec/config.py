@@ -103,6 +103,8 @@ class CodecConfig:
     ssl_model_name: str
     ssl_sample_rate: int
     ssl_conv_layers: tuple[tuple[int, int], ...]
+    # 1-based SSL layers whose outputs are averaged into the global (speaker) branch's input.
+    global_ssl_layers: tuple[int, ...] = (1, 2)
 
     # ---- derived facts -------------------------------------------------------------------
     @property
@@ -123,6 +125,29 @@ class CodecConfig:
         for kernel, stride in reversed(self.ssl_conv_layers):
             length = (length - 1) * stride + kernel
         return math.ceil(length / self.ssl_sample_rate * self.sample_rate)
+
+    @property
+    def ssl_hop(self) -> int:
+        """Input samples (at the SSL rate) per SSL frame: the product of the conv strides."""
+        return math.prod(stride for _, stride in self.ssl_conv_layers)
+
+    def ssl_min_input_length(self, frames: int) -> int:
+        """Fewest samples at the SSL rate for which the conv stack yields `frames` frames."""
+        length = frames
+        for kernel, stride in reversed(self.ssl_conv_layers):
+            length = (length - 1) * stride + kernel
+        return length
+
+    def waveform_padding(self, num_samples: int) -> int:
+        """Upstream's `_calculate_waveform_padding`: zeros added on each side before encoding.
+
+        Enough to give ceil(samples / hop) SSL frames; the arithmetic (floats, in upstream's
+        order) is kept as is so that the rounding, and so the padding, is the same.
+        """
+        at_ssl_rate = num_samples / self.sample_rate * self.ssl_sample_rate
+        frames = math.ceil(at_ssl_rate / self.ssl_hop)
+        required = self.ssl_min_input_length(frames) / self.ssl_sample_rate * self.sample_rate
+        return math.ceil((required - num_samples) / 2)
 
     def stft_frames(self, audio_length: int) -> int:
         """Upstream's `_calculate_target_stft_length`: frames before the optional upsampler."""
@@ -257,6 +282,14 @@ def parse_config(raw: Any) -> CodecConfig:
         )
     ssl_rate, ssl_convs = SSL_FRONTENDS[ssl_name]
 
+    global_layers = top.get("global_ssl_layers", [1, 2])
+    if (
+        not isinstance(global_layers, list)
+        or not global_layers
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in global_layers)
+    ):
+        raise ValueError(f"config: '{where}.global_ssl_layers' must be a list of integers >= 1")
+
     genc = _section(tree, "global_encoder")
     feature_decoder = _section(tree, "feature_decoder", required=False)
     cfg = CodecConfig(
@@ -300,6 +333,7 @@ def parse_config(raw: Any) -> CodecConfig:
         ssl_model_name=ssl_name,
         ssl_sample_rate=ssl_rate,
         ssl_conv_layers=ssl_convs,
+        global_ssl_layers=tuple(global_layers),
     )
     _check_consistency(cfg)
     return cfg

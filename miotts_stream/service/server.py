@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from miotts_stream.audio.reference import MAX_INPUT_BYTES, AudioLimits
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
 from miotts_stream.codec.decoder import RELEASED_CONFIGS
 from miotts_stream.demo_model import DEFAULT_ARCH, ensure_demo_model, is_demo_model
@@ -31,6 +33,8 @@ from miotts_stream.llm import (
     VLLMTokenSource,
 )
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
+from miotts_stream.voices import SQLiteVoiceStore
+from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
 from .engine import SpeechEngine
 from .metrics import ServiceMetrics
@@ -78,6 +82,10 @@ class ServerOptions:
     demo_arch: str = DEFAULT_ARCH  # architecture of the built-in demo model (no --model)
     engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
     exit_on_engine_death: bool = False  # instead of restarting the engine in process
+    data_dir: str = ".data"  # the voice store (SQLite), shared with the voices CLI
+    ssl_model: str | None = None  # None: wavlm-base-plus with --codec, else the random WavLM
+    reference_min_seconds: float = 1.0
+    reference_max_seconds: float = 30.0
 
 
 async def build_engine(options: ServerOptions) -> SpeechEngine:
@@ -163,7 +171,8 @@ class MioTTSServer:
         self.metrics = ServiceMetrics()
         self.grpc = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # Reference audio for cloning (up to 16 MB of encoded audio) plus the message.
+                ("grpc.max_receive_message_length", MAX_INPUT_BYTES + 64 * 1024),
             ]
         )
         self.health = health.aio.HealthServicer()
@@ -173,9 +182,18 @@ class MioTTSServer:
         # Set when the engine died for good (restarts off: --exit-on-engine-death).
         self.engine_died = asyncio.Event()
         self._health_updates: set[asyncio.Task] = set()
+        # Checked now (a bad --data-dir or limit fails at start); the encoder loads on first use.
+        self.voices = VoiceRegistry(
+            SQLiteVoiceStore(options.data_dir),
+            engine.voices,
+            partial(make_encoder, options.codec, options.ssl_model, options.device),
+            AudioLimits(options.reference_min_seconds, options.reference_max_seconds),
+        )
 
     async def start(self) -> int:
-        servicer = TextToSpeechServicer(self.engine, self.metrics, self.options.default_voice)
+        servicer = TextToSpeechServicer(
+            self.engine, self.metrics, self.options.default_voice, self.voices
+        )
         tts_pb2_grpc.add_TextToSpeechServicer_to_server(servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -233,6 +251,7 @@ class MioTTSServer:
             self._lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_watch
+        self.voices.close()
         await self.engine.close()
         self.metrics.close()
 

@@ -11,11 +11,14 @@ import contextlib
 import logging
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from miotts_stream.audio.encoders import Encoding, output_rate
 from miotts_stream.codec.streaming import StreamingOptions
 from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
 from miotts_stream.llm import SamplingOptions
+from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord
+from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
 
 from .engine import (
     LANGUAGES,
@@ -58,10 +61,17 @@ def _invalid(message: str) -> SessionError:
 
 
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
-    def __init__(self, engine: SpeechEngine, metrics: ServiceMetrics, default_voice: str):
+    def __init__(
+        self,
+        engine: SpeechEngine,
+        metrics: ServiceMetrics,
+        default_voice: str,
+        voices: VoiceRegistry | None = None,
+    ):
         self.engine = engine
         self.metrics = metrics
         self.default_voice = default_voice
+        self.voices = voices  # stored voices and cloning; None: presets and embeddings only
 
     # ---- config --------------------------------------------------------------------------
     def session_config(self, config: tts_pb2.SynthesisConfig) -> SessionConfig:
@@ -212,7 +222,8 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             self.metrics.active_streams.dec()
             self.metrics.requests.labels(method=method, code=code).inc()
 
-    def _open(self, config: tts_pb2.SynthesisConfig) -> SynthesisSession:
+    async def _open(self, config: tts_pb2.SynthesisConfig) -> SynthesisSession:
+        config = await self._with_voice_embedding(config)
         session = self.engine.open_session(self.session_config(config))
         self.metrics.active_streams.inc()
         return session
@@ -243,7 +254,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 ),
             )
         try:
-            session = self._open(first.config)
+            session = await self._open(first.config)
         except SessionError as err:
             await self._abort(context, method, err)
         reader = asyncio.get_running_loop().create_task(self._read(requests, session))
@@ -278,7 +289,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     async def Synthesize(self, request, context):
         method = "Synthesize"
         try:
-            session = self._open(request.config)
+            session = await self._open(request.config)
         except SessionError as err:
             await self._abort(context, method, err)
         try:
@@ -291,16 +302,106 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         async for response in self._run_session(session, method, context):
             yield response
 
-    async def ListVoices(self, request, context):
-        notice_file = BUILTIN_PRESETS_DIR / "NOTICE.md"
-        builtin_notice = (
-            "not for commercial use (see NOTICE.md of the presets)" if notice_file.exists() else ""
+    # ---- voices ----------------------------------------------------------------------------
+    async def _with_voice_embedding(
+        self, config: tts_pb2.SynthesisConfig
+    ) -> tts_pb2.SynthesisConfig:
+        """A stored voice or reference audio becomes its embedding, found or computed off the
+        event loop; other configs pass through unchanged."""
+        which = config.voice.WhichOneof("voice")
+        if which not in ("voice_id", "reference_audio"):
+            return config
+        if self.voices is None:
+            raise SessionError("UNIMPLEMENTED", f"voice.{which}: this server stores no voices")
+        try:
+            if which == "voice_id":
+                embedding = (await self.voices.get(config.voice.voice_id)).embedding
+            else:
+                embedding = await self.voices.reference_embedding(config.voice.reference_audio)
+        except VoiceNotFound as err:
+            raise SessionError("NOT_FOUND", f"voice.{err}") from None
+        except EncoderUnavailable as err:
+            raise SessionError("UNAVAILABLE", f"voice.reference_audio: {err}") from None
+        except ValueError as err:  # BadAudio
+            reason = str(err).removeprefix("audio: ")
+            raise _invalid(f"voice.reference_audio: {reason}") from None
+        resolved = tts_pb2.SynthesisConfig()
+        resolved.CopyFrom(config)
+        resolved.voice.embedding.values[:] = embedding.tolist()  # replaces the oneof's choice
+        return resolved
+
+    @staticmethod
+    def _voice_info(record: VoiceRecord) -> tts_pb2.VoiceInfo:
+        created = Timestamp()
+        created.FromNanoseconds(int(record.created_at * 1e9))
+        return tts_pb2.VoiceInfo(
+            name=record.voice_id,
+            kind=tts_pb2.VOICE_KIND_STORED,
+            display_name=record.display_name,
+            language=record.language,
+            duration_seconds=record.duration_seconds,
+            created_at=created,
         )
-        voices = []
-        for name in self.engine.voices.names():
-            path = self.engine.voices.path(name)
-            notice = builtin_notice if path.parent == BUILTIN_PRESETS_DIR else ""
-            voices.append(tts_pb2.VoiceInfo(name=name, notice=notice))
+
+    def _preset_info(self, name: str) -> tts_pb2.VoiceInfo:
+        notice = ""
+        if self.engine.voices.path(name).parent == BUILTIN_PRESETS_DIR:
+            notice = "not for commercial use (see NOTICE.md of the presets)"
+        return tts_pb2.VoiceInfo(name=name, notice=notice, kind=tts_pb2.VOICE_KIND_PRESET)
+
+    async def _voice_rpc(self, method: str, context, call):
+        """Run one voice RPC, mapping each failure to its status and counting the outcome."""
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            if self.voices is None:
+                code, message = grpc.StatusCode.UNIMPLEMENTED, "this server stores no voices"
+            else:
+                return await call()
+        except VoiceExists as err:
+            code, message = grpc.StatusCode.ALREADY_EXISTS, str(err)
+        except VoiceNotFound as err:
+            code, message = grpc.StatusCode.NOT_FOUND, str(err)
+        except PresetVoice as err:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(err)
+        except EncoderUnavailable as err:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(err)
+        except ValueError as err:  # a bad id, name or language, or unusable audio (BadAudio)
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        except Exception as err:
+            logger.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {err}"
+        finally:
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+        await context.abort(code, message)
+
+    async def CreateVoice(self, request, context):
+        async def create():
+            record = await self.voices.create(
+                request.voice_id, request.audio, request.display_name, request.language
+            )
+            return self._voice_info(record)
+
+        return await self._voice_rpc("CreateVoice", context, create)
+
+    async def GetVoice(self, request, context):
+        async def get():
+            if request.voice_id in self.engine.voices:
+                return self._preset_info(request.voice_id)
+            return self._voice_info(await self.voices.get(request.voice_id))
+
+        return await self._voice_rpc("GetVoice", context, get)
+
+    async def DeleteVoice(self, request, context):
+        async def delete():
+            await self.voices.delete(request.voice_id)
+            return tts_pb2.DeleteVoiceResponse()
+
+        return await self._voice_rpc("DeleteVoice", context, delete)
+
+    async def ListVoices(self, request, context):
+        voices = [self._preset_info(name) for name in self.engine.voices.names()]
+        if self.voices is not None:
+            voices += [self._voice_info(record) for record in await self.voices.list()]
         self.metrics.requests.labels(method="ListVoices", code="OK").inc()
         return tts_pb2.ListVoicesResponse(
             voices=voices,

@@ -22,55 +22,66 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13miotts/v1/tts.proto\x12\tmiotts.v1\"\xdc\x01\n\x1aStreamingSynthesizeRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.miotts.v1.SynthesisConfigH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12!\n\x05\x66lush\x18\x03 \x01(\x0b\x32\x10.miotts.v1.FlushH\x00\x12-\n\x0c\x65nd_of_input\x18\x04 \x01(\x0b\x32\x15.miotts.v1.EndOfInputH\x00\x12#\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x11.miotts.v1.CancelH\x00\x42\t\n\x07request\"\x07\n\x05\x46lush\"\x0c\n\nEndOfInput\"\x08\n\x06\x43\x61ncel\"M\n\x11SynthesizeRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.miotts.v1.SynthesisConfig\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xcd\x01\n\x0fSynthesisConfig\x12\x1f\n\x05voice\x18\x01 \x01(\x0b\x32\x10.miotts.v1.Voice\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.miotts.v1.AudioFormat\x12\x30\n\ngeneration\x18\x03 \x01(\x0b\x32\x1c.miotts.v1.GenerationOptions\x12.\n\tstreaming\x18\x04 \x01(\x0b\x32\x1b.miotts.v1.StreamingOptions\x12\x10\n\x08language\x18\x05 \x01(\t\"M\n\x05Voice\x12\x10\n\x06preset\x18\x01 \x01(\tH\x00\x12)\n\tembedding\x18\x02 \x01(\x0b\x32\x14.miotts.v1.EmbeddingH\x00\x42\x07\n\x05voice\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"L\n\x0b\x41udioFormat\x12%\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x13.miotts.v1.Encoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"\xd7\x01\n\x11GenerationOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\x07\n\x05_seed\"{\n\x10StreamingOptions\x12\x1a\n\x12\x66irst_chunk_tokens\x18\x01 \x01(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\x05\x12\x18\n\x10lookahead_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13left_context_tokens\x18\x04 \x01(\x05\"\xad\x01\n\x1bStreamingSynthesizeResponse\x12&\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x15.miotts.v1.AudioChunkH\x00\x12*\n\x07segment\x18\x02 \x01(\x0b\x32\x17.miotts.v1.SegmentEventH\x00\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.miotts.v1.SynthesisSummaryH\x00\x42\n\n\x08response\"\x84\x01\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0copus_packets\x18\x02 \x03(\x0c\x12\x14\n\x0cstart_sample\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x05\x12\x15\n\rsegment_index\x18\x05 \x01(\r\x12\x10\n\x08sequence\x18\x06 \x01(\x04\"\xce\x01\n\x0cSegmentEvent\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.miotts.v1.SegmentEvent.Kind\x12\x1a\n\x12\x61udio_start_sample\x18\x04 \x01(\x03\x12\x18\n\x10\x61udio_end_sample\x18\x05 \x01(\x03\"7\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07STARTED\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\"\xec\x01\n\x10SynthesisSummary\x12\x1e\n\x16time_to_first_audio_ms\x18\x01 \x01(\x01\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x64ropped_tokens\x18\x04 \x01(\r\x12\x18\n\x10real_time_factor\x18\x05 \x01(\x01\x12\x16\n\x0esample_rate_hz\x18\x06 \x01(\x05\x12%\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x13.miotts.v1.Encoding\x12\x16\n\x0erandom_weights\x18\x08 \x01(\x08\"\x13\n\x11ListVoicesRequest\")\n\tVoiceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06notice\x18\x02 \x01(\t\"\x88\x01\n\x12ListVoicesResponse\x12$\n\x06voices\x18\x01 \x03(\x0b\x32\x14.miotts.v1.VoiceInfo\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x16\n\x0erandom_weights\x18\x05 \x01(\x08*o\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\r\n\tPCM_F32LE\x10\x02\x12\x08\n\x04OPUS\x10\x03\x12\x0c\n\x08OGG_OPUS\x10\x04\x12\t\n\x05MULAW\x10\x05\x12\x08\n\x04\x41LAW\x10\x06\x32\x99\x02\n\x0cTextToSpeech\x12h\n\x13StreamingSynthesize\x12%.miotts.v1.StreamingSynthesizeRequest\x1a&.miotts.v1.StreamingSynthesizeResponse(\x01\x30\x01\x12T\n\nSynthesize\x12\x1c.miotts.v1.SynthesizeRequest\x1a&.miotts.v1.StreamingSynthesizeResponse0\x01\x12I\n\nListVoices\x12\x1c.miotts.v1.ListVoicesRequest\x1a\x1d.miotts.v1.ListVoicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13miotts/v1/tts.proto\x12\tmiotts.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x01\n\x1aStreamingSynthesizeRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.miotts.v1.SynthesisConfigH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12!\n\x05\x66lush\x18\x03 \x01(\x0b\x32\x10.miotts.v1.FlushH\x00\x12-\n\x0c\x65nd_of_input\x18\x04 \x01(\x0b\x32\x15.miotts.v1.EndOfInputH\x00\x12#\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x11.miotts.v1.CancelH\x00\x42\t\n\x07request\"\x07\n\x05\x46lush\"\x0c\n\nEndOfInput\"\x08\n\x06\x43\x61ncel\"M\n\x11SynthesizeRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.miotts.v1.SynthesisConfig\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xcd\x01\n\x0fSynthesisConfig\x12\x1f\n\x05voice\x18\x01 \x01(\x0b\x32\x10.miotts.v1.Voice\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.miotts.v1.AudioFormat\x12\x30\n\ngeneration\x18\x03 \x01(\x0b\x32\x1c.miotts.v1.GenerationOptions\x12.\n\tstreaming\x18\x04 \x01(\x0b\x32\x1b.miotts.v1.StreamingOptions\x12\x10\n\x08language\x18\x05 \x01(\t\"|\n\x05Voice\x12\x10\n\x06preset\x18\x01 \x01(\tH\x00\x12)\n\tembedding\x18\x02 \x01(\x0b\x32\x14.miotts.v1.EmbeddingH\x00\x12\x12\n\x08voice_id\x18\x03 \x01(\tH\x00\x12\x19\n\x0freference_audio\x18\x04 \x01(\x0cH\x00\x42\x07\n\x05voice\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"L\n\x0b\x41udioFormat\x12%\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x13.miotts.v1.Encoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"\xd7\x01\n\x11GenerationOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\r\n\x0b_max_tokensB\x07\n\x05_seed\"{\n\x10StreamingOptions\x12\x1a\n\x12\x66irst_chunk_tokens\x18\x01 \x01(\x05\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\x05\x12\x18\n\x10lookahead_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13left_context_tokens\x18\x04 \x01(\x05\"\xad\x01\n\x1bStreamingSynthesizeResponse\x12&\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x15.miotts.v1.AudioChunkH\x00\x12*\n\x07segment\x18\x02 \x01(\x0b\x32\x17.miotts.v1.SegmentEventH\x00\x12.\n\x07summary\x18\x03 \x01(\x0b\x32\x1b.miotts.v1.SynthesisSummaryH\x00\x42\n\n\x08response\"\x84\x01\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0copus_packets\x18\x02 \x03(\x0c\x12\x14\n\x0cstart_sample\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x05\x12\x15\n\rsegment_index\x18\x05 \x01(\r\x12\x10\n\x08sequence\x18\x06 \x01(\x04\"\xce\x01\n\x0cSegmentEvent\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.miotts.v1.SegmentEvent.Kind\x12\x1a\n\x12\x61udio_start_sample\x18\x04 \x01(\x03\x12\x18\n\x10\x61udio_end_sample\x18\x05 \x01(\x03\"7\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07STARTED\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\"\xec\x01\n\x10SynthesisSummary\x12\x1e\n\x16time_to_first_audio_ms\x18\x01 \x01(\x01\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x64ropped_tokens\x18\x04 \x01(\r\x12\x18\n\x10real_time_factor\x18\x05 \x01(\x01\x12\x16\n\x0esample_rate_hz\x18\x06 \x01(\x05\x12%\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x13.miotts.v1.Encoding\x12\x16\n\x0erandom_weights\x18\x08 \x01(\x08\"\x13\n\x11ListVoicesRequest\"\xbf\x01\n\tVoiceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06notice\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.miotts.v1.VoiceKind\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x06 \x01(\x01\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x12\x43reateVoiceRequest\x12\x10\n\x08voice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\r\n\x05\x61udio\x18\x04 \x01(\x0c\"#\n\x0fGetVoiceRequest\x12\x10\n\x08voice_id\x18\x01 \x01(\t\"&\n\x12\x44\x65leteVoiceRequest\x12\x10\n\x08voice_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteVoiceResponse\"\x88\x01\n\x12ListVoicesResponse\x12$\n\x06voices\x18\x01 \x03(\x0b\x32\x14.miotts.v1.VoiceInfo\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x16\n\x0erandom_weights\x18\x05 \x01(\x08*o\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\r\n\tPCM_F32LE\x10\x02\x12\x08\n\x04OPUS\x10\x03\x12\x0c\n\x08OGG_OPUS\x10\x04\x12\t\n\x05MULAW\x10\x05\x12\x08\n\x04\x41LAW\x10\x06*U\n\tVoiceKind\x12\x1a\n\x16VOICE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11VOICE_KIND_PRESET\x10\x01\x12\x15\n\x11VOICE_KIND_STORED\x10\x02\x32\xe9\x03\n\x0cTextToSpeech\x12h\n\x13StreamingSynthesize\x12%.miotts.v1.StreamingSynthesizeRequest\x1a&.miotts.v1.StreamingSynthesizeResponse(\x01\x30\x01\x12T\n\nSynthesize\x12\x1c.miotts.v1.SynthesizeRequest\x1a&.miotts.v1.StreamingSynthesizeResponse0\x01\x12I\n\nListVoices\x12\x1c.miotts.v1.ListVoicesRequest\x1a\x1d.miotts.v1.ListVoicesResponse\x12\x42\n\x0b\x43reateVoice\x12\x1d.miotts.v1.CreateVoiceRequest\x1a\x14.miotts.v1.VoiceInfo\x12<\n\x08GetVoice\x12\x1a.miotts.v1.GetVoiceRequest\x1a\x14.miotts.v1.VoiceInfo\x12L\n\x0b\x44\x65leteVoice\x12\x1d.miotts.v1.DeleteVoiceRequest\x1a\x1e.miotts.v1.DeleteVoiceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'miotts.v1.tts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=2068
-  _globals['_ENCODING']._serialized_end=2179
-  _globals['_STREAMINGSYNTHESIZEREQUEST']._serialized_start=35
-  _globals['_STREAMINGSYNTHESIZEREQUEST']._serialized_end=255
-  _globals['_FLUSH']._serialized_start=257
-  _globals['_FLUSH']._serialized_end=264
-  _globals['_ENDOFINPUT']._serialized_start=266
-  _globals['_ENDOFINPUT']._serialized_end=278
-  _globals['_CANCEL']._serialized_start=280
-  _globals['_CANCEL']._serialized_end=288
-  _globals['_SYNTHESIZEREQUEST']._serialized_start=290
-  _globals['_SYNTHESIZEREQUEST']._serialized_end=367
-  _globals['_SYNTHESISCONFIG']._serialized_start=370
-  _globals['_SYNTHESISCONFIG']._serialized_end=575
-  _globals['_VOICE']._serialized_start=577
-  _globals['_VOICE']._serialized_end=654
-  _globals['_EMBEDDING']._serialized_start=656
-  _globals['_EMBEDDING']._serialized_end=683
-  _globals['_AUDIOFORMAT']._serialized_start=685
-  _globals['_AUDIOFORMAT']._serialized_end=761
-  _globals['_GENERATIONOPTIONS']._serialized_start=764
-  _globals['_GENERATIONOPTIONS']._serialized_end=979
-  _globals['_STREAMINGOPTIONS']._serialized_start=981
-  _globals['_STREAMINGOPTIONS']._serialized_end=1104
-  _globals['_STREAMINGSYNTHESIZERESPONSE']._serialized_start=1107
-  _globals['_STREAMINGSYNTHESIZERESPONSE']._serialized_end=1280
-  _globals['_AUDIOCHUNK']._serialized_start=1283
-  _globals['_AUDIOCHUNK']._serialized_end=1415
-  _globals['_SEGMENTEVENT']._serialized_start=1418
-  _globals['_SEGMENTEVENT']._serialized_end=1624
-  _globals['_SEGMENTEVENT_KIND']._serialized_start=1569
-  _globals['_SEGMENTEVENT_KIND']._serialized_end=1624
-  _globals['_SYNTHESISSUMMARY']._serialized_start=1627
-  _globals['_SYNTHESISSUMMARY']._serialized_end=1863
-  _globals['_LISTVOICESREQUEST']._serialized_start=1865
-  _globals['_LISTVOICESREQUEST']._serialized_end=1884
-  _globals['_VOICEINFO']._serialized_start=1886
-  _globals['_VOICEINFO']._serialized_end=1927
-  _globals['_LISTVOICESRESPONSE']._serialized_start=1930
-  _globals['_LISTVOICESRESPONSE']._serialized_end=2066
-  _globals['_TEXTTOSPEECH']._serialized_start=2182
-  _globals['_TEXTTOSPEECH']._serialized_end=2463
+  _globals['_ENCODING']._serialized_start=2494
+  _globals['_ENCODING']._serialized_end=2605
+  _globals['_VOICEKIND']._serialized_start=2607
+  _globals['_VOICEKIND']._serialized_end=2692
+  _globals['_STREAMINGSYNTHESIZEREQUEST']._serialized_start=68
+  _globals['_STREAMINGSYNTHESIZEREQUEST']._serialized_end=288
+  _globals['_FLUSH']._serialized_start=290
+  _globals['_FLUSH']._serialized_end=297
+  _globals['_ENDOFINPUT']._serialized_start=299
+  _globals['_ENDOFINPUT']._serialized_end=311
+  _globals['_CANCEL']._serialized_start=313
+  _globals['_CANCEL']._serialized_end=321
+  _globals['_SYNTHESIZEREQUEST']._serialized_start=323
+  _globals['_SYNTHESIZEREQUEST']._serialized_end=400
+  _globals['_SYNTHESISCONFIG']._serialized_start=403
+  _globals['_SYNTHESISCONFIG']._serialized_end=608
+  _globals['_VOICE']._serialized_start=610
+  _globals['_VOICE']._serialized_end=734
+  _globals['_EMBEDDING']._serialized_start=736
+  _globals['_EMBEDDING']._serialized_end=763
+  _globals['_AUDIOFORMAT']._serialized_start=765
+  _globals['_AUDIOFORMAT']._serialized_end=841
+  _globals['_GENERATIONOPTIONS']._serialized_start=844
+  _globals['_GENERATIONOPTIONS']._serialized_end=1059
+  _globals['_STREAMINGOPTIONS']._serialized_start=1061
+  _globals['_STREAMINGOPTIONS']._serialized_end=1184
+  _globals['_STREAMINGSYNTHESIZERESPONSE']._serialized_start=1187
+  _globals['_STREAMINGSYNTHESIZERESPONSE']._serialized_end=1360
+  _globals['_AUDIOCHUNK']._serialized_start=1363
+  _globals['_AUDIOCHUNK']._serialized_end=1495
+  _globals['_SEGMENTEVENT']._serialized_start=1498
+  _globals['_SEGMENTEVENT']._serialized_end=1704
+  _globals['_SEGMENTEVENT_KIND']._serialized_start=1649
+  _globals['_SEGMENTEVENT_KIND']._serialized_end=1704
+  _globals['_SYNTHESISSUMMARY']._serialized_start=1707
+  _globals['_SYNTHESISSUMMARY']._serialized_end=1943
+  _globals['_LISTVOICESREQUEST']._serialized_start=1945
+  _globals['_LISTVOICESREQUEST']._serialized_end=1964
+  _globals['_VOICEINFO']._serialized_start=1967
+  _globals['_VOICEINFO']._serialized_end=2158
+  _globals['_CREATEVOICEREQUEST']._serialized_start=2160
+  _globals['_CREATEVOICEREQUEST']._serialized_end=2253
+  _globals['_GETVOICEREQUEST']._serialized_start=2255
+  _globals['_GETVOICEREQUEST']._serialized_end=2290
+  _globals['_DELETEVOICEREQUEST']._serialized_start=2292
+  _globals['_DELETEVOICEREQUEST']._serialized_end=2330
+  _globals['_DELETEVOICERESPONSE']._serialized_start=2332
+  _globals['_DELETEVOICERESPONSE']._serialized_end=2353
+  _globals['_LISTVOICESRESPONSE']._serialized_start=2356
+  _globals['_LISTVOICESRESPONSE']._serialized_end=2492
+  _globals['_TEXTTOSPEECH']._serialized_start=2695
+  _globals['_TEXTTOSPEECH']._serialized_end=3184
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -16,6 +19,12 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OGG_OPUS: _ClassVar[Encoding]
     MULAW: _ClassVar[Encoding]
     ALAW: _ClassVar[Encoding]
+
+class VoiceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VOICE_KIND_UNSPECIFIED: _ClassVar[VoiceKind]
+    VOICE_KIND_PRESET: _ClassVar[VoiceKind]
+    VOICE_KIND_STORED: _ClassVar[VoiceKind]
 ENCODING_UNSPECIFIED: Encoding
 PCM_S16LE: Encoding
 PCM_F32LE: Encoding
@@ -23,6 +32,9 @@ OPUS: Encoding
 OGG_OPUS: Encoding
 MULAW: Encoding
 ALAW: Encoding
+VOICE_KIND_UNSPECIFIED: VoiceKind
+VOICE_KIND_PRESET: VoiceKind
+VOICE_KIND_STORED: VoiceKind
 
 class StreamingSynthesizeRequest(_message.Message):
     __slots__ = ("config", "text", "flush", "end_of_input", "cancel")
@@ -73,12 +85,16 @@ class SynthesisConfig(_message.Message):
     def __init__(self, voice: _Optional[_Union[Voice, _Mapping]] = ..., audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., streaming: _Optional[_Union[StreamingOptions, _Mapping]] = ..., language: _Optional[str] = ...) -> None: ...
 
 class Voice(_message.Message):
-    __slots__ = ("preset", "embedding")
+    __slots__ = ("preset", "embedding", "voice_id", "reference_audio")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_AUDIO_FIELD_NUMBER: _ClassVar[int]
     preset: str
     embedding: Embedding
-    def __init__(self, preset: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ...) -> None: ...
+    voice_id: str
+    reference_audio: bytes
+    def __init__(self, preset: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., voice_id: _Optional[str] = ..., reference_audio: _Optional[bytes] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -193,12 +209,50 @@ class ListVoicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VoiceInfo(_message.Message):
-    __slots__ = ("name", "notice")
+    __slots__ = ("name", "notice", "kind", "display_name", "language", "duration_seconds", "created_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     notice: str
-    def __init__(self, name: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
+    kind: VoiceKind
+    display_name: str
+    language: str
+    duration_seconds: float
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., notice: _Optional[str] = ..., kind: _Optional[_Union[VoiceKind, str]] = ..., display_name: _Optional[str] = ..., language: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateVoiceRequest(_message.Message):
+    __slots__ = ("voice_id", "display_name", "language", "audio")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    display_name: str
+    language: str
+    audio: bytes
+    def __init__(self, voice_id: _Optional[str] = ..., display_name: _Optional[str] = ..., language: _Optional[str] = ..., audio: _Optional[bytes] = ...) -> None: ...
+
+class GetVoiceRequest(_message.Message):
+    __slots__ = ("voice_id",)
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    def __init__(self, voice_id: _Optional[str] = ...) -> None: ...
+
+class DeleteVoiceRequest(_message.Message):
+    __slots__ = ("voice_id",)
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    def __init__(self, voice_id: _Optional[str] = ...) -> None: ...
+
+class DeleteVoiceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ListVoicesResponse(_message.Message):
     __slots__ = ("voices", "sample_rate_hz", "model", "codec", "random_weights")

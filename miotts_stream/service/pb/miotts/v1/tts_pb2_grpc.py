@@ -49,6 +49,21 @@ class TextToSpeechStub:
                 request_serializer=miotts_dot_v1_dot_tts__pb2.ListVoicesRequest.SerializeToString,
                 response_deserializer=miotts_dot_v1_dot_tts__pb2.ListVoicesResponse.FromString,
                 _registered_method=True)
+        self.CreateVoice = channel.unary_unary(
+                '/miotts.v1.TextToSpeech/CreateVoice',
+                request_serializer=miotts_dot_v1_dot_tts__pb2.CreateVoiceRequest.SerializeToString,
+                response_deserializer=miotts_dot_v1_dot_tts__pb2.VoiceInfo.FromString,
+                _registered_method=True)
+        self.GetVoice = channel.unary_unary(
+                '/miotts.v1.TextToSpeech/GetVoice',
+                request_serializer=miotts_dot_v1_dot_tts__pb2.GetVoiceRequest.SerializeToString,
+                response_deserializer=miotts_dot_v1_dot_tts__pb2.VoiceInfo.FromString,
+                _registered_method=True)
+        self.DeleteVoice = channel.unary_unary(
+                '/miotts.v1.TextToSpeech/DeleteVoice',
+                request_serializer=miotts_dot_v1_dot_tts__pb2.DeleteVoiceRequest.SerializeToString,
+                response_deserializer=miotts_dot_v1_dot_tts__pb2.DeleteVoiceResponse.FromString,
+                _registered_method=True)
 
 
 class TextToSpeechServicer:
@@ -69,7 +84,30 @@ class TextToSpeechServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListVoices(self, request, context):
-        """The voice presets this server knows.
+        """The presets and the stored voices this server knows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVoice(self, request, context):
+        """Clone a voice from reference audio and store it under voice_id (kept across restarts).
+        ALREADY_EXISTS: the id is taken (by a stored voice or a preset); INVALID_ARGUMENT: a bad
+        id, name or language, or audio that cannot be used (the message says why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVoice(self, request, context):
+        """A stored voice or a preset by id; NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVoice(self, request, context):
+        """Delete a stored voice; NOT_FOUND if there is none, FAILED_PRECONDITION for a preset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +130,21 @@ def add_TextToSpeechServicer_to_server(servicer, server):
                     servicer.ListVoices,
                     request_deserializer=miotts_dot_v1_dot_tts__pb2.ListVoicesRequest.FromString,
                     response_serializer=miotts_dot_v1_dot_tts__pb2.ListVoicesResponse.SerializeToString,
+            ),
+            'CreateVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVoice,
+                    request_deserializer=miotts_dot_v1_dot_tts__pb2.CreateVoiceRequest.FromString,
+                    response_serializer=miotts_dot_v1_dot_tts__pb2.VoiceInfo.SerializeToString,
+            ),
+            'GetVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVoice,
+                    request_deserializer=miotts_dot_v1_dot_tts__pb2.GetVoiceRequest.FromString,
+                    response_serializer=miotts_dot_v1_dot_tts__pb2.VoiceInfo.SerializeToString,
+            ),
+            'DeleteVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVoice,
+                    request_deserializer=miotts_dot_v1_dot_tts__pb2.DeleteVoiceRequest.FromString,
+                    response_serializer=miotts_dot_v1_dot_tts__pb2.DeleteVoiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +228,87 @@ class TextToSpeech:
             '/miotts.v1.TextToSpeech/ListVoices',
             miotts_dot_v1_dot_tts__pb2.ListVoicesRequest.SerializeToString,
             miotts_dot_v1_dot_tts__pb2.ListVoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/miotts.v1.TextToSpeech/CreateVoice',
+            miotts_dot_v1_dot_tts__pb2.CreateVoiceRequest.SerializeToString,
+            miotts_dot_v1_dot_tts__pb2.VoiceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/miotts.v1.TextToSpeech/GetVoice',
+            miotts_dot_v1_dot_tts__pb2.GetVoiceRequest.SerializeToString,
+            miotts_dot_v1_dot_tts__pb2.VoiceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/miotts.v1.TextToSpeech/DeleteVoice',
+            miotts_dot_v1_dot_tts__pb2.DeleteVoiceRequest.SerializeToString,
+            miotts_dot_v1_dot_tts__pb2.DeleteVoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
