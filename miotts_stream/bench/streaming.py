@@ -239,6 +239,8 @@ def fidelity_rows(decoder, tokens, voice, reference, others: bool) -> tuple[list
         return lsd, per_token, run.first_audio_tokens
 
     for label, options in OUR_SETTINGS.items():
+        if label in FIRST_CHECKPOINT_ONLY and not others:
+            continue
         for regime in REGIMES:
             ours_lsd[label, regime] = add(
                 label, regime, ours(decoder, tokens, voice, regime, options)
