@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 
@@ -116,6 +117,52 @@ def test_full_size_decoder_has_exactly_the_released_tensors(name):
     assert built == released
     assert decoder.random_weights and "RANDOM" in decoder.describe()
     assert decoder.samples_per_token == {"24khz": 960, "44khz": 1764}[name]
+
+
+# Every 1-D parameter of the released decoders, by what the random recipe draws for it.
+UNIT_GAINS = (
+    r"(wave_prior_net\.blocks|wave_post_net\.blocks|wave_upsampler\.resnet_blocks)"
+    r"\.\d+\.norm[12]\.weight",  # GroupNorm gains
+    r"wave_prenet\.norm\.weight",  # final LayerNorm gain (wave_decoder's final norm is AdaLN)
+)
+SMALL_NOISE = (
+    r".*\.bias",  # every bias, norm biases included
+    r"wave_prenet\.layers\.\d+\.(attention|ffn)_norm\.weight",  # pre-norm gains
+    r"wave_upsampler\.(snake_activations\.\d+|out_snake)\.(alpha|beta)",  # log-scales
+)
+
+
+@pytest.mark.parametrize("name", sorted(FULL_CONFIGS))
+def test_random_recipe_statistics_are_what_its_docstring_says(name):
+    """Norm gains ~ 1 + N(0, 0.05^2); other 1-D parameters ~ N(0, 0.05^2); matrices and
+    kernels ~ N(0, 1/fan_in). Every 1-D parameter must fall in exactly one class."""
+    decoder = MioCodecDecoder.from_config(FULL_CONFIGS[name], device="cpu", seed=3)
+    gains, small, groupnorm_gains = [], [], 0
+    for param_name, param in decoder.model.named_parameters():
+        values = param.detach().double().flatten()
+        if param.dim() >= 2:
+            fan_in = param[0].numel()
+            assert abs(values.mean()) < 4 / math.sqrt(values.numel() * fan_in), param_name
+            assert values.std() * math.sqrt(fan_in) == pytest.approx(1.0, abs=0.1), param_name
+            continue
+        is_gain = any(re.fullmatch(p, param_name) for p in UNIT_GAINS)
+        is_small = any(re.fullmatch(p, param_name) for p in SMALL_NOISE)
+        assert is_gain != is_small, f"{param_name}: not classified exactly once"
+        (gains if is_gain else small).append(values)
+        groupnorm_gains += bool(re.fullmatch(UNIT_GAINS[0], param_name))
+    expected_groupnorms = 2 * 2 * decoder.config.wave_resnet_num_blocks + 2 * len(
+        decoder.config.wave_upsampler_factors
+    )
+    assert groupnorm_gains == expected_groupnorms
+    gains, small = torch.cat(gains), torch.cat(small)
+    assert gains.mean() == pytest.approx(1.0, abs=0.005)
+    assert gains.std() == pytest.approx(0.05, abs=0.003)
+    assert gains.min() > 0.7
+    assert small.mean() == pytest.approx(0.0, abs=0.005)
+    assert small.std() == pytest.approx(0.05, abs=0.003)
+    # The GroupNorms really are on: each normalises to about unit gain.
+    for norm in decoder.model.group_norms:
+        assert norm.weight.mean() == pytest.approx(1.0, abs=0.03)
 
 
 def test_full_size_checkpoint_round_trip(tmp_path):

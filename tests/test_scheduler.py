@@ -26,7 +26,10 @@ async def test_a_slow_reader_stalls_only_itself():
     decoder = MioCodecDecoder.from_pretrained(TINY_CODECS["24khz"], device="cpu")
     scheduler = DecodeScheduler(decoder)
     scheduler.start()
-    options = StreamingOptions(chunk_tokens=4, lookahead_tokens=8)  # many small chunks
+    # Many small chunks: no growth of the window from tokens already there.
+    options = StreamingOptions(
+        chunk_tokens=4, lookahead_tokens=8, max_chunk_tokens=0, max_lookahead_tokens=0
+    )
     gen = torch.Generator().manual_seed(0)
     try:
         entries = []

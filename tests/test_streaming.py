@@ -8,7 +8,11 @@ import torch
 
 from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
 from miotts_stream.codec import MioCodecDecoder, load_voice
-from miotts_stream.codec.streaming import StreamingOptions, decode_step
+from miotts_stream.codec.streaming import (
+    StreamingOptions,
+    decode_step,
+    forward_windows,
+)
 
 from .conftest import FULL_CONFIGS
 
@@ -50,7 +54,7 @@ def test_fast_regime_fidelity_length_and_seams(full_decoder, utterance):
     assert lsd_db(audio, offline.numpy(), full_decoder.sample_rate) <= 0.6
     assert snr_db(audio, offline.numpy()) > 30
     seams = list(np.cumsum([c.numel() for c in chunks])[:-1])
-    assert len(seams) >= 10
+    assert len(seams) >= 5  # chunks grow to 80 tokens when all tokens are there
     worst_seam, inner_p999 = seam_jumps(audio, seams)
     assert worst_seam <= inner_p999
 
@@ -60,7 +64,11 @@ def test_samples_are_placed_once_and_in_order(full_decoder, utterance):
     the stream must reproduce it sample for sample: nothing dropped, doubled or shifted."""
     tokens, voice, offline = utterance
     options = StreamingOptions(
-        left_context_tokens=TOKENS, lookahead_tokens=TOKENS, chunk_tokens=37, crossfade_ms=0
+        left_context_tokens=TOKENS,
+        lookahead_tokens=TOKENS,
+        chunk_tokens=37,
+        max_chunk_tokens=0,  # no growth: fixed 37-token chunks
+        crossfade_ms=0,
     )
     stream = full_decoder.stream(voice, options)
     chunks = stream.push(tokens) + stream.finish()
@@ -72,7 +80,8 @@ def test_samples_are_placed_once_and_in_order(full_decoder, utterance):
 
 def test_cost_is_constant_along_the_utterance(full_decoder, monkeypatch):
     """No prefix re-decoding: every window in the middle of a 64 s utterance has the same
-    length, so a chunk at the 60th second costs what one at the 2nd costs."""
+    length, so a chunk at the 60th second costs what one at the 2nd costs (all tokens there at
+    once: the grown window, chunk_cap + lookahead_cap)."""
     windows = []
     real_trunk = full_decoder.model.trunk
 
@@ -84,9 +93,13 @@ def test_cost_is_constant_along_the_utterance(full_decoder, monkeypatch):
     stream = full_decoder.stream(torch.zeros(128))
     audio = stream.push(torch.zeros(25 * 64, dtype=torch.long)) + stream.finish()
     assert sum(c.numel() for c in audio) == 25 * 64 * full_decoder.samples_per_token
-    full = StreamingOptions().max_window_tokens
-    middle = windows[4:-3]  # from the first chunk with a full left context
-    assert len(middle) > 70
+    options = StreamingOptions()
+    full = options.max_window_tokens
+    # From the first chunk with a full left context, up to the last ones (whose right context
+    # shrinks, 20 tokens at a time, towards the end).
+    tail = 3 + options.lookahead_cap // options.chunk_tokens
+    middle = windows[3 : len(windows) - tail]
+    assert len(middle) >= 5
     assert {real for _, real in middle} == {full}
     assert len({padded for padded, _ in middle}) == 1  # one fixed (bucketed) shape
 
@@ -159,3 +172,47 @@ def test_batched_streams_equal_streams_decoded_alone(full_decoder):
         batched = torch.cat(chunks)
         assert batched.shape == solo.shape
         assert (batched - solo).abs().max() <= 1e-5
+
+
+def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
+    """A chunk never waits for more than `lookahead_tokens`; tokens already there give it a
+    longer chunk and more right context, up to the caps."""
+    tokens, voice, _ = utterance
+    options = StreamingOptions()
+    just_in_time = full_decoder.stream(voice, options)
+    just_in_time.push_tokens(tokens[:6])
+    first = just_in_time.next_window()
+    assert (first.chunk_start, first.chunk_end, first.stop) == (0, 4, 6)
+    just_in_time.apply(first, *_decoded(full_decoder, first))
+    need = 4 + options.chunk_tokens + options.lookahead_tokens
+    just_in_time.push_tokens(tokens[6 : need - 1])
+    assert just_in_time.next_window() is None  # one token short of the lookahead it waits for
+    just_in_time.push_tokens(tokens[need - 1 : need])
+    window = just_in_time.next_window()
+    assert (window.chunk_end, window.stop) == (4 + options.chunk_tokens, need)
+
+    ahead = full_decoder.stream(voice, options)
+    ahead.push_tokens(tokens)  # the LLM ran far ahead
+    first = ahead.next_window()
+    assert (first.chunk_end, first.stop) == (4, 4 + options.lookahead_cap)
+    ahead.apply(first, *_decoded(full_decoder, first))
+    window = ahead.next_window()
+    assert window.chunk_end == 4 + options.chunk_cap
+    assert window.stop == window.chunk_end + options.lookahead_cap
+
+
+def _decoded(decoder, window):
+    result = forward_windows(decoder, [window])
+    return result.waves[0], {layer: sums[0] for layer, sums in result.norm_sums.items()}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_lookahead_tokens", -1, "max_lookahead_tokens must be >= 0"),
+        ("max_chunk_tokens", -5, "max_chunk_tokens must be >= 0"),
+    ],
+)
+def test_bad_adaptive_window_options(full_decoder, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        full_decoder.stream(torch.zeros(128), StreamingOptions(**{field: value}))

@@ -1,14 +1,18 @@
-"""Streaming decode fidelity and throughput, ours beside other projects' strategies.
+"""Streaming decode fidelity and cost, ours beside other projects' strategies.
 
     python -m miotts_stream.bench.streaming [--tokens 250] [--codecs 24kHz] [--no-throughput]
 
-For both codecs (full-size, random weights) and two arrival regimes:
+For both codecs (full-size, random weights) and three checkpoints each (two seeds of the
+package's random recipe and one with PyTorch's default module initialisation, so that no
+figure rests on one lucky checkpoint), and two arrival regimes:
   fast      all tokens available at once (a GPU LLM);
   realtime  tokens arrive at 1.5x real time; playback starts with the first chunk, and our
             streams see the client's buffer through a simulated clock.
-prints tokens received before the first audio, LSD (dB) and SNR (dB) against the offline decode
-of the same tokens. Then per-chunk decode time and chunks per second at batch 1, 8 and 32, and
-the cost of a chunk at the 2nd and at the 60th second.
+prints, per checkpoint, tokens received before the first audio, LSD (dB) and SNR (dB) against
+the offline decode of the same tokens, seams, and decode compute: window tokens decoded per
+token of audio (padded as computed; deterministic) and decode seconds per second of audio
+(timed). Then the mean over checkpoints, and per-chunk decode time and chunks per second at
+batch 1, 8 and 32, and the cost of a chunk at the 2nd and at the 60th second.
 
 The other strategies are re-implemented here from their public descriptions, for comparison only.
 """
@@ -16,6 +20,8 @@ The other strategies are re-implemented here from their public descriptions, for
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +30,14 @@ import numpy as np
 import torch
 
 from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
-from miotts_stream.codec import MioCodecDecoder, load_voice
-from miotts_stream.codec.streaming import StreamingOptions, decode_step
+from miotts_stream.codec import MioCodecDecoder, load_config, load_voice
+from miotts_stream.codec.model import MioCodecDecoderModel
+from miotts_stream.codec.streaming import (
+    StreamingOptions,
+    TokenStreamDecoder,
+    decode_step,
+    decode_windows,
+)
 
 from .common import FULL_CODEC_CONFIGS, median, table
 
@@ -37,6 +49,8 @@ class Run:
     audio: np.ndarray
     first_audio_tokens: int  # tokens received when the first audio came out
     seams: list[int]
+    window_tokens: int | None = None  # ours: tokens decoded, windows padded as computed
+    decode_seconds: float | None = None  # ours: time spent decoding windows
 
 
 # ---- our streams -------------------------------------------------------------------------
@@ -51,11 +65,33 @@ def first_audio_tokens(decoder, tokens, voice, options) -> int:
     return len(tokens)
 
 
+class _MeteredStream:
+    """Drives one stream window by window, counting decoded window tokens and decode time."""
+
+    def __init__(self, stream: TokenStreamDecoder):
+        self.stream = stream
+        self.window_tokens = 0
+        self.decode_seconds = 0.0
+
+    def drain(self) -> list[torch.Tensor]:
+        bucket = self.stream.options.window_bucket_tokens
+        chunks = []
+        while (window := self.stream.next_window()) is not None:
+            start = time.perf_counter()
+            chunks += decode_windows(self.stream.decoder, [window])
+            self.decode_seconds += time.perf_counter() - start
+            self.window_tokens += bucket * math.ceil(window.length / bucket)
+        return chunks
+
+
 def ours(decoder, tokens, voice, regime: str, options: StreamingOptions) -> Run:
     spt = decoder.samples_per_token
     if regime == "fast":
-        stream = decoder.stream(voice, options)
-        chunks = stream.push(tokens) + stream.finish()
+        metered = _MeteredStream(decoder.stream(voice, options))
+        metered.stream.push_tokens(tokens)
+        chunks = metered.drain()
+        metered.stream.mark_finished()
+        chunks += metered.drain()
         first = first_audio_tokens(decoder, tokens, voice, options)
     else:
         rate = decoder.token_rate * ARRIVAL_SPEEDUP
@@ -65,21 +101,23 @@ def ours(decoder, tokens, voice, regime: str, options: StreamingOptions) -> Run:
             if state["first_emit"] is None:
                 return float("inf")
             played = state["now"] - state["first_emit"]
-            return stream.emitted_samples / decoder.sample_rate - played
+            return metered.stream.emitted_samples / decoder.sample_rate - played
 
-        stream = decoder.stream(voice, options, clock=buffered_seconds)
+        metered = _MeteredStream(decoder.stream(voice, options, clock=buffered_seconds))
         chunks, first = [], None
         for i in range(len(tokens)):
             state["now"] = (i + 1) / rate
-            out = stream.push(tokens[i : i + 1])
+            metered.stream.push_tokens(tokens[i : i + 1])
+            out = metered.drain()
             if out and first is None:
                 first, state["first_emit"] = i + 1, state["now"]
             chunks += out
-        chunks += stream.finish()
+        metered.stream.mark_finished()
+        chunks += metered.drain()
     seams = list(np.cumsum([c.numel() for c in chunks])[:-1])
     audio = torch.cat(chunks).numpy()
     assert len(audio) == spt * len(tokens)
-    return Run(audio, first, seams)
+    return Run(audio, first, seams, metered.window_tokens, metered.decode_seconds)
 
 
 # ---- other projects' strategies (bench only) --------------------------------------------------
@@ -153,46 +191,114 @@ OTHERS: dict[str, Callable] = {
 }
 
 OUR_SETTINGS: dict[str, StreamingOptions] = {
-    "ours: defaults": StreamingOptions(),
+    "ours: defaults (adaptive window)": StreamingOptions(),
+    "ours: fixed window (defaults before issue 9)": StreamingOptions(
+        max_lookahead_tokens=0, max_chunk_tokens=0
+    ),
     "ours: window-only GroupNorm stats": StreamingOptions(groupnorm_stats="window"),
-    "ours: chunk 12, lookahead 16": StreamingOptions(chunk_tokens=12, lookahead_tokens=16),
-    "ours: left 100, lookahead 64": StreamingOptions(left_context_tokens=100, lookahead_tokens=64),
-    "ours: no crossfade": StreamingOptions(crossfade_ms=0.0),
 }
+# Settings measured on the first checkpoint of each codec only (to keep the bench short).
+FIRST_CHECKPOINT_ONLY = ("ours: window-only GroupNorm stats",)
+REGIMES = ("fast", "realtime")
+HEADERS = [
+    "strategy",
+    "regime",
+    "tokens→1st audio",
+    "LSD dB",
+    "SNR dB",
+    "chunks",
+    "max seam jump / p99.9",
+    "window tok / audio tok",
+    "decode s / audio s",
+]
 
 
-def fidelity_table(decoder, tokens, voice) -> str:
-    reference = decoder.decode(tokens, voice).numpy()
-    rows = []
+def fidelity_rows(decoder, tokens, voice, reference, others: bool) -> tuple[list[list], dict]:
+    """Table rows for one checkpoint, and {(setting, regime): (LSD, window tok / audio tok,
+    tokens before the first audio)}."""
+    audio_seconds = len(tokens) / decoder.token_rate
+    rows, ours_lsd = [], {}
 
     def add(label, regime, run: Run):
         jump, p999 = seam_jumps(run.audio, run.seams)
+        lsd = lsd_db(run.audio, reference, decoder.sample_rate)
+        per_token = None if run.window_tokens is None else run.window_tokens / len(tokens)
         rows.append(
             [
                 label,
                 regime,
                 run.first_audio_tokens,
-                f"{lsd_db(run.audio, reference, decoder.sample_rate):.3f}",
+                f"{lsd:.3f}",
                 f"{snr_db(run.audio, reference):.1f}",
                 len(run.seams) + 1,
                 f"{jump / p999:.2f}",
+                "" if per_token is None else f"{per_token:.2f}",
+                "" if run.decode_seconds is None else f"{run.decode_seconds / audio_seconds:.3f}",
             ]
         )
+        return lsd, per_token, run.first_audio_tokens
 
     for label, options in OUR_SETTINGS.items():
-        for regime in ("fast", "realtime"):
-            add(label, regime, ours(decoder, tokens, voice, regime, options))
-    for label, strategy in OTHERS.items():
-        # Fixed schedules: the same output whatever the arrival rate.
-        add(label, "both", strategy(decoder, tokens, voice))
+        if label in FIRST_CHECKPOINT_ONLY and not others:
+            continue
+        for regime in REGIMES:
+            ours_lsd[label, regime] = add(
+                label, regime, ours(decoder, tokens, voice, regime, options)
+            )
+    if others:
+        for label, strategy in OTHERS.items():
+            # Fixed schedules: the same output whatever the arrival rate.
+            add(label, "both", strategy(decoder, tokens, voice))
+    return rows, ours_lsd
+
+
+def checkpoints(config_path, device) -> dict[str, Callable[[], MioCodecDecoder]]:
+    """Three full-size random checkpoints: two seeds of the package's recipe (GroupNorm and
+    final LayerNorm gains ~ 1) and PyTorch's default module initialisation (seeded)."""
+
+    def recipe(seed: int) -> Callable[[], MioCodecDecoder]:
+        return lambda: MioCodecDecoder.from_config(config_path, device=device, seed=seed)
+
+    def torch_default() -> MioCodecDecoder:
+        torch.manual_seed(0)
+        model = MioCodecDecoderModel(load_config(config_path))
+        return MioCodecDecoder(
+            model, device=device, source="PyTorch default init (seed 0)", random_weights=True
+        )
+
+    return {"recipe seed 0": recipe(0), "recipe seed 1": recipe(1), "torch default": torch_default}
+
+
+def mean_table(results: dict[str, dict]) -> str:
+    """Mean over checkpoints of our settings' LSD, and over the recipe's seeds alone."""
+    rows = []
+    for label in OUR_SETTINGS:
+        if label in FIRST_CHECKPOINT_ONLY:
+            continue
+        for regime in REGIMES:
+            cells = [results[name][label, regime] for name in results]
+            recipe = [
+                r[label, regime][0] for name, r in results.items() if name.startswith("recipe")
+            ]
+            rows.append(
+                [
+                    label,
+                    regime,
+                    max(c[2] for c in cells),
+                    f"{statistics.mean(c[0] for c in cells):.3f}",
+                    f"{statistics.mean(recipe):.3f}" if recipe else "",
+                    f"{max(c[0] for c in cells):.3f}",
+                    f"{statistics.mean(c[1] for c in cells):.2f}",
+                ]
+            )
     headers = [
         "strategy",
         "regime",
-        "tokens→1st audio",
-        "LSD dB",
-        "SNR dB",
-        "chunks",
-        "max seam jump / p99.9",
+        "tokens→1st audio (max)",
+        "LSD mean",
+        "LSD mean, recipe seeds",
+        "LSD worst",
+        "window tok / audio tok",
     ]
     return table(headers, rows)
 
@@ -219,7 +325,8 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
             times.append(time.perf_counter() - start)
             assert len(produced) == batch
         step = median(times)
-        audio_per_chunk = options.chunk_tokens / decoder.token_rate
+        # Chunks grow when tokens are already there (adaptive window): measure what came out.
+        audio_per_chunk = produced[0].numel() / decoder.sample_rate
         rows.append(
             [
                 batch,
@@ -229,7 +336,8 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
                 f"{batch * audio_per_chunk / step:.1f}",
             ]
         )
-    return table(["batch", "step ms", "ms/chunk", "chunks/s", "audio s per s"], rows)
+    headers = ["batch", "step ms", "ms/chunk", "chunks/s", "audio s per s"]
+    return f"chunks of {audio_per_chunk:.2f} s audio\n" + table(headers, rows)
 
 
 def cost_by_position(decoder, voice, repeats=5) -> str:
@@ -262,15 +370,30 @@ def main() -> None:
     args = parser.parse_args()
     voice = load_voice("en_female")
     for name in args.codecs:
-        decoder = MioCodecDecoder.from_config(FULL_CODEC_CONFIGS[name], device=args.device)
-        gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, decoder.codebook_size, (args.tokens,), generator=gen)
-        print(
-            f"\n=== MioCodec {name}, random full-size weights, {decoder.device}, "
-            f"{args.tokens} tokens ({args.tokens / 25:.0f} s), voice en_female ==="
-        )
-        print(fidelity_table(decoder, tokens, voice))
+        results = {}
+        for index, (label, build) in enumerate(
+            checkpoints(FULL_CODEC_CONFIGS[name], args.device).items()
+        ):
+            decoder = build()
+            gen = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, decoder.codebook_size, (args.tokens,), generator=gen)
+            reference = decoder.decode(tokens, voice).numpy()
+            if not np.isfinite(reference).all():
+                raise SystemExit(f"{name}, {label}: the offline decode is not finite")
+            rms = float(np.sqrt(np.mean(reference.astype(np.float64) ** 2)))
+            print(
+                f"\n=== MioCodec {name}, {label}, {decoder.device}, {args.tokens} tokens "
+                f"({args.tokens / 25:.0f} s), voice en_female (norm {float(voice.norm()):.1f}); "
+                f"offline decode finite, RMS {rms:.3f} ==="
+            )
+            rows, results[label] = fidelity_rows(
+                decoder, tokens, voice, reference, others=index == 0
+            )
+            print(table(HEADERS, rows))
+        print(f"\n=== MioCodec {name}: mean over the {len(results)} checkpoints ===")
+        print(mean_table(results))
         if not args.no_throughput:
+            decoder = MioCodecDecoder.from_config(FULL_CODEC_CONFIGS[name], device=args.device)
             print(f"\nthroughput, {name} ({decoder.device}, {torch.get_num_threads()} threads):")
             print(throughput_table(decoder, voice))
             print(cost_by_position(decoder, voice))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import load_decoder_model, resolve_checkpoint
 from .config import CodecConfig, load_config, parse_config
-from .layers import GroupStats
+from .layers import GroupStats, Transformer
 from .model import MioCodecDecoderModel
 from .voices import check_embedding
 
@@ -68,21 +68,43 @@ def _as_token_tensor(tokens: object, codebook_size: int, what: str = "tokens") -
     return t.long()
 
 
+def _unit_gain_parameters(model: nn.Module) -> set[str]:
+    """Names of the gains that sit at 1 in a trained (or freshly built) network: every
+    GroupNorm's weight (ResNet blocks of wave_prior_net, wave_post_net and the upsampler) and
+    the weight of each transformer's final LayerNorm (an AdaLN final norm has no gain)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.GroupNorm):
+            names.add(f"{module_name}.weight")
+        elif isinstance(module, Transformer) and isinstance(module.norm, nn.LayerNorm):
+            names.add(f"{module_name}.norm.weight")
+    return names
+
+
 def init_random_weights(model: nn.Module, seed: int) -> None:
     """Seeded random weights with the statistics of the shared MioCodec test checkpoints.
 
-    Those checkpoints (made with upstream's code) draw matrices ~ N(0, 1/fan_in), biases and the
-    transformer blocks' pre-norm gains ~ N(0, 0.05^2), and the other norm gains (GroupNorm, the
-    transformers' final LayerNorm) ~ 1 + N(0, 0.05^2). Small pre-norm gains keep each block's
-    residual update small, so the random decoder stays local in time, as a trained codec is.
+    Those checkpoints (made with upstream's code) draw
+    - matrices and convolution kernels ~ N(0, 1/fan_in) (fan_in: all of a tensor's dimensions
+      after the first);
+    - every GroupNorm gain and each transformer's final LayerNorm gain ~ 1 + N(0, 0.05^2);
+    - everything else that is 1-D ~ N(0, 0.05^2): biases (GroupNorm and LayerNorm biases
+      included), the transformer blocks' pre-norm LayerNorm gains, SnakeBeta's log-scale
+      alpha and beta.
+    Small pre-norm gains keep each block's residual update small, so the random decoder stays
+    local in time, as a trained codec is. GroupNorm gains near 1 keep the utterance-wide
+    statistics as influential as in a trained codec (streaming fidelity depends on them).
+    Parameters draw their noise in sorted name order, one tensor each, so a seed's draws do
+    not depend on the classification.
     """
+    unit_gains = _unit_gain_parameters(model)
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         noise = torch.randn(param.shape, generator=gen)
         with torch.no_grad():
             if param.dim() >= 2:
                 param.copy_(noise / math.sqrt(param[0].numel()))
-            elif name.endswith("norm.weight") and ".layers." not in name:
+            elif name in unit_gains:
                 param.copy_(1.0 + 0.05 * noise)
             else:
                 param.copy_(0.05 * noise)

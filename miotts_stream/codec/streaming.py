@@ -7,9 +7,12 @@ windows
     [ left context | chunk | lookahead ]
 
 keep the chunk's samples, and crossfade each seam with the previous window's extra samples.
+A chunk waits for `lookahead_tokens` of right context (or for the client's buffer to run low);
+tokens that are already there when it is planned (an LLM running ahead of real time) widen the
+window, up to `max_lookahead_tokens` of right context and `max_chunk_tokens` of chunk.
 The GroupNorm statistics, which offline decoding takes over the whole utterance, are
-accumulated over everything decoded so far (see `GroupNormAccumulator`), which closes most of
-the gap between windowed and offline decoding.
+accumulated over everything decoded so far (see `SlotGroupStats`), which closes most of the gap
+between windowed and offline decoding.
 
 State is explicit and per stream, in the manner of Kyutai's moshi streaming modules. Each
 stream (`TokenStreamDecoder`) owns its host-side state (tokens received, samples emitted) and one
@@ -47,6 +50,13 @@ class StreamingOptions:
     chunk_tokens: int = 20
     lookahead_tokens: int = 32
     left_context_tokens: int = 50
+    # Adaptive window: when tokens are already there (an LLM running ahead of real time), a
+    # window takes up to `max_lookahead_tokens` of right context, and a chunk after the first
+    # grows up to `max_chunk_tokens` while keeping it; nothing waits for them. Right context is
+    # what brings a chunk's GroupNorm statistics and edges close to the offline decode. Values
+    # below lookahead_tokens / chunk_tokens mean no growth.
+    max_lookahead_tokens: int = 128
+    max_chunk_tokens: int = 80
     crossfade_ms: float = 20.0
     # With a clock: a chunk waiting for lookahead goes out anyway once the client's buffer
     # falls below this much audio. It must cover one window's decode time plus transport.
@@ -62,7 +72,13 @@ class StreamingOptions:
         for name in ("first_chunk_tokens", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"streaming options: {name} must be >= 1")
-        for name in ("first_lookahead_tokens", "lookahead_tokens", "left_context_tokens"):
+        for name in (
+            "first_lookahead_tokens",
+            "lookahead_tokens",
+            "left_context_tokens",
+            "max_lookahead_tokens",
+            "max_chunk_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"streaming options: {name} must be >= 0")
         if self.first_lookahead_tokens > self.lookahead_tokens:
@@ -76,9 +92,17 @@ class StreamingOptions:
         return self
 
     @property
+    def lookahead_cap(self) -> int:
+        return max(self.lookahead_tokens, self.max_lookahead_tokens)
+
+    @property
+    def chunk_cap(self) -> int:
+        return max(self.chunk_tokens, self.max_chunk_tokens)
+
+    @property
     def max_window_tokens(self) -> int:
-        chunk = max(self.first_chunk_tokens, self.chunk_tokens)
-        return self.left_context_tokens + chunk + self.lookahead_tokens
+        chunk = max(self.first_chunk_tokens, self.chunk_cap)
+        return self.left_context_tokens + chunk + self.lookahead_cap
 
 
 # ---- device-side streaming state ------------------------------------------------------------
@@ -332,7 +356,12 @@ class TokenStreamDecoder:
         first = start == 0
         chunk = opts.first_chunk_tokens if first else opts.chunk_tokens
         wanted_lookahead = opts.first_lookahead_tokens if first else opts.lookahead_tokens
-        chunk_end = start + chunk
+        # Tokens already there beyond what this chunk waits for (an LLM running ahead of real
+        # time, or the end of the utterance): a longer chunk after the first, as long as the
+        # largest right context (or the end) stays within reach. Never waits for them.
+        grown = start + opts.chunk_cap
+        grown = min(grown, available if self.finished else available - opts.lookahead_cap)
+        chunk_end = start + chunk if first else max(start + chunk, grown)
         if self.finished:
             chunk_end = min(chunk_end, available)
         elif available < chunk_end + wanted_lookahead:
@@ -344,7 +373,8 @@ class TokenStreamDecoder:
             surplus = available - start
             chunk = min(chunk, max(surplus - opts.lookahead_tokens, opts.first_chunk_tokens))
             chunk_end = start + min(chunk, surplus)
-        stop = min(available, chunk_end + opts.lookahead_tokens)
+        # Right context: whatever is there, up to the cap (more context, closer to offline).
+        stop = min(available, chunk_end + opts.lookahead_cap)
         if self.slot is None:
             self.slot = self.decoder.stream_slots.acquire()
         return DecodeWindow(
@@ -455,7 +485,7 @@ def forward_windows(
         # Room for the longest chunk any of these streams may emit, plus its crossfade tail,
         # in steps of 8 tokens.
         longest = max(
-            max(w.stream.options.chunk_tokens, w.stream.options.first_chunk_tokens) for w in windows
+            max(w.stream.options.chunk_cap, w.stream.options.first_chunk_tokens) for w in windows
         )
         width = 8 * math.ceil((longest + 1) / 8) * spt
         rows = batch_bucket(len(windows))
