@@ -183,7 +183,7 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
     just_in_time.push_tokens(tokens[:6])
     first = just_in_time.next_window()
     assert (first.chunk_start, first.chunk_end, first.stop) == (0, 4, 6)
-    just_in_time.apply(first, *_decoded(full_decoder, first))
+    forward_windows(full_decoder, [first]).apply()
     need = 4 + options.chunk_tokens + options.lookahead_tokens
     just_in_time.push_tokens(tokens[6 : need - 1])
     assert just_in_time.next_window() is None  # one token short of the lookahead it waits for
@@ -195,15 +195,10 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
     ahead.push_tokens(tokens)  # the LLM ran far ahead
     first = ahead.next_window()
     assert (first.chunk_end, first.stop) == (4, 4 + options.lookahead_cap)
-    ahead.apply(first, *_decoded(full_decoder, first))
+    forward_windows(full_decoder, [first]).apply()
     window = ahead.next_window()
     assert window.chunk_end == 4 + options.chunk_cap
     assert window.stop == window.chunk_end + options.lookahead_cap
-
-
-def _decoded(decoder, window):
-    result = forward_windows(decoder, [window])
-    return result.waves[0], {layer: sums[0] for layer, sums in result.norm_sums.items()}
 
 
 @pytest.mark.parametrize(
