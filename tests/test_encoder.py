@@ -209,3 +209,18 @@ def test_ssl_model_must_fit_the_codec(tiny_wavlm, tmp_path):
         SSLFeatures.load(tiny_wavlm, 5)
     with pytest.raises(ValueError, match=r"no config\.json"):
         SSLFeatures.load(tmp_path, 2)
+
+
+def test_encoder_follows_the_servers_codec_names(tiny_wavlm):
+    """--codec random-24khz / random-44khz (and no codec) give the released architecture's
+    encoder; anything else is a checkpoint."""
+    from miotts_stream.voices.registry import make_encoder
+
+    for name, rate in ((None, 24000), ("random-24khz", 24000), ("random-44khz", 44100)):
+        encoder = make_encoder(name, str(tiny_wavlm), "cpu")  # the tiny WavLM: no big build
+        assert encoder.random_weights and encoder.sample_rate == rate
+        assert encoder.config.global_encoder.input_channels == 768
+    from_checkpoint = make_encoder(str(TINY_CODECS["44khz"]), str(tiny_wavlm), "cpu")
+    assert from_checkpoint.sample_rate == 44100 and from_checkpoint.random_weights
+    with pytest.raises(ValueError, match="random-32khz"):
+        make_encoder("random-32khz", str(tiny_wavlm), "cpu")

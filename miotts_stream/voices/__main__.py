@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--id", required=True, dest="voice_id", help="[a-z0-9_-]{1,64}")
     create.add_argument("--name", default="", help="display name")
     create.add_argument("--language", default="", help="language tag, e.g. en or ja")
-    create.add_argument("--codec", default=None, help="the server's --codec (default: built-in)")
+    create.add_argument(
+        "--codec", default=None, help="the server's --codec (default: random-24khz, built in)"
+    )
     create.add_argument("--ssl-model", default=None, help="the server's --ssl-model")
     create.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     create.add_argument("--min-seconds", type=float, default=AudioLimits.min_seconds)

@@ -185,19 +185,22 @@ class VoiceRegistry:
 def make_encoder(
     codec: str | None, ssl_model: str | None, device: str | None = None
 ) -> MioCodecEncoder:
-    """The encoder matching the server's codec options (the CLI uses the same rule).
+    """The encoder matching the server's --codec (the CLI uses the same rule).
 
-    No codec: the built-in full-size 24 kHz architecture with random weights (seed 0, like the
-    server's default decoder) and, unless `ssl_model` says otherwise, the random WavLM.
-    A codec: its checkpoint and microsoft/wavlm-base-plus unless `ssl_model` names another.
+    No codec, `random-24khz` or `random-44khz`: the released architecture with a random global
+    encoder (seed 0), as the server's random decoder, and unless `ssl_model` says otherwise the
+    built-in random WavLM. A checkpoint (folder or hub id): its global encoder and
+    microsoft/wavlm-base-plus unless `ssl_model` names another.
     """
     from miotts_stream.codec.decoder import RELEASED_CONFIGS
     from miotts_stream.codec.ssl import DEFAULT_SSL_MODEL, RANDOM_SSL_MODEL
 
-    if codec:
-        return MioCodecEncoder.from_pretrained(
-            codec, ssl_model=ssl_model or DEFAULT_SSL_MODEL, device=device
+    codec = codec or "random-24khz"
+    released = codec.removeprefix("random-")
+    if codec.startswith("random-") and released in RELEASED_CONFIGS:
+        return MioCodecEncoder.from_config(
+            RELEASED_CONFIGS[released], ssl_model=ssl_model or RANDOM_SSL_MODEL, device=device
         )
-    return MioCodecEncoder.from_config(
-        RELEASED_CONFIGS["24khz"], ssl_model=ssl_model or RANDOM_SSL_MODEL, device=device
+    return MioCodecEncoder.from_pretrained(
+        codec, ssl_model=ssl_model or DEFAULT_SSL_MODEL, device=device
     )
