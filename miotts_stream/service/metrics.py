@@ -30,6 +30,12 @@ class ServiceMetrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self.requests_by_key = Counter(
+            "miotts_requests_by_key",
+            "Finished RPCs by API key name (never the key) and gRPC status code",
+            ["key", "code"],
+            registry=self.registry,
+        )
         self._http = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

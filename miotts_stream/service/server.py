@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +29,11 @@ from miotts_stream.llm import (
     VLLMTokenSource,
 )
 
-from .engine import SpeechEngine
+from .access import AccessPolicy
+from .engine import SessionLimits, SpeechEngine
 from .metrics import ServiceMetrics
-from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from .servicer import TextToSpeechServicer
+from .pb.miotts.v1 import tts_pb2
+from .servicer import TextToSpeechServicer, add_to_server
 
 logger = logging.getLogger("miotts_stream.server")
 
@@ -58,6 +61,68 @@ class ServerOptions:
     metrics_port: int | None = 9400
     max_text_chars: int = 10000
     max_batch: int = 32
+    # limits and timeouts (seconds; 0 disables one)
+    idle_timeout_s: float = 20.0
+    max_stream_s: float = 600.0
+    stall_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    # access
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: clients must present a certificate it signed
+    api_keys: list[str] = field(default_factory=list, repr=False)
+    api_keys_file: str | None = None
+
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            idle_s=self.idle_timeout_s,
+            max_stream_s=self.max_stream_s,
+            stall_s=self.stall_timeout_s,
+        )
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments of the server: message size and keepalive pings."""
+        options = [("grpc.max_receive_message_length", self.max_receive_message_bytes)]
+        if self.keepalive_time_s > 0:
+            options += [
+                # Ping idle connections, so that a peer that vanished (no FIN, no RST) is found
+                # and its streams end, instead of holding slots until TCP gives up hours later.
+                ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # Clients may ping too, but not more often than every 10 s.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10000),
+                ("grpc.http2.max_ping_strikes", 2),
+            ]
+        return options
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS (and mTLS with --tls-client-ca) credentials, or None for plaintext."""
+        if not (self.tls_cert or self.tls_key):
+            if self.tls_client_ca:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        chain = Path(self.tls_cert).read_bytes()
+        key = Path(self.tls_key).read_bytes()
+        client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (as given to --host) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def build_engine(options: ServerOptions) -> SpeechEngine:
@@ -115,6 +180,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         max_batch=options.max_batch,
         random_weights=bool(random_parts),
         model_name=model_name,
+        limits=options.session_limits(),
     )
     await engine.start()
     return engine
@@ -127,43 +193,79 @@ class MioTTSServer:
         self.engine = engine
         self.options = options
         self.metrics = ServiceMetrics()
-        self.grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ]
-        )
+        self.access = AccessPolicy.from_options(options.api_keys, options.api_keys_file)
+        self.credentials = options.server_credentials()
+        self.grpc = grpc.aio.server(options=options.grpc_options())
         self.health = health.aio.HealthServicer()
+        self.servicer = TextToSpeechServicer(
+            engine, self.metrics, options.default_voice, self.access
+        )
         self.port = 0
         self.metrics_port: int | None = None
 
     async def start(self) -> int:
-        servicer = TextToSpeechServicer(self.engine, self.metrics, self.options.default_voice)
-        tts_pb2_grpc.add_TextToSpeechServicer_to_server(servicer, self.grpc)
+        add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        if self.credentials is not None:
+            self.port = self.grpc.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+            raise OSError(f"cannot bind {address}")
         await self.grpc.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+        security = "plaintext"
+        if self.credentials is not None:
+            security = "TLS, client certificates required" if self.options.tls_client_ca else "TLS"
         logger.info(
-            "serving %s on %s:%d (metrics on %s)",
+            "serving %s on %s:%d (%s; %s; metrics on %s)",
             SERVICE_NAME,
             self.options.host,
             self.port,
+            security,
+            f"{len(self.access.keys)} API keys" if self.access.enabled else "no API keys",
             self.metrics_port,
         )
+        if self.credentials is None and not is_loopback(self.options.host):
+            logger.warning(
+                "PLAINTEXT on %s: text, audio and API keys cross the network unencrypted. "
+                "Pass --tls-cert and --tls-key, or listen on 127.0.0.1 behind a TLS proxy.",
+                self.options.host,
+            )
         return self.port
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop taking streams (health NOT_SERVING, new streams UNAVAILABLE) and give the
+        open ones up to `timeout_s` (default --drain-timeout-s) to finish."""
+        timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
+        self.servicer.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc.stop(grace)
+        deadline = time.monotonic() + timeout_s
+        if self.engine.sessions:
+            logger.info(
+                "draining: %d streams open, waiting up to %g s",
+                len(self.engine.sessions),
+                timeout_s,
+            )
+        while self.engine.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.sessions:
+            logger.warning(
+                "drain timeout: cancelling %d streams still open", len(self.engine.sessions)
+            )
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Drain for up to `grace` seconds, then cancel what is left and close everything."""
+        await self.drain(grace)
+        await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
         await self.engine.close()
         self.metrics.close()
 
@@ -182,5 +284,6 @@ async def run_server(options: ServerOptions) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down")
-    await server.stop()
+    logger.info("shutting down: draining for up to %g s", options.drain_timeout_s)
+    await server.stop(options.drain_timeout_s)
+    logger.info("stopped")
