@@ -61,6 +61,21 @@ MAX_WINDOW_FIELD_TOKENS = 250
 
 GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
 
+# Before ending a stream with an error, read (and drop) what the client is still sending, for up
+# to this long or until it half-closes. grpcio's asyncio client reports INTERNAL "Internal error
+# from Core" instead of our status when one of its writes lands after the status arrived
+# (grpc/grpc#36066); messages it had already queued are written within milliseconds.
+ERROR_DRAIN_S = 0.25
+
+
+async def _drain(requests, seconds: float = ERROR_DRAIN_S) -> None:
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):  # includes TimeoutError
+        await asyncio.wait_for(consume(), seconds)
+
 
 def _invalid(message: str) -> SessionError:
     return SessionError(ErrorCode.INVALID_ARGUMENT, message)
@@ -331,6 +346,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     yield self.to_proto(event)
         except SessionError as err:
             code = err.code
+            if reader is not None:  # it drains the client's messages once the session failed
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
             await context.abort(GRPC_STATUS[err.code], str(err))
         except (asyncio.CancelledError, GeneratorExit):
             code = session.error.code if session.error is not None else ErrorCode.CANCELLED
@@ -399,9 +417,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     async def StreamingSynthesize(self, request_iterator, context):
         method = "StreamingSynthesize"
         key = None
+        requests = request_iterator.__aiter__()
         try:
             key = self._authenticate(context)
-            requests = request_iterator.__aiter__()
             try:
                 first = await requests.__anext__()
             except StopAsyncIteration:
@@ -417,6 +435,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 )
             session = self._open(first.config, key)
         except SessionError as err:
+            await _drain(requests)
             await self._abort(context, method, err, key)
         reader = asyncio.get_running_loop().create_task(self._read(requests, session))
         async with contextlib.aclosing(
@@ -451,6 +470,8 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 session.end_input()  # half-close without end_of_input: finish what was sent
         except SessionError as err:
             session.fail(err)
+            async for _ in requests:  # see ERROR_DRAIN_S; the handler stops this soon
+                pass
 
     async def Synthesize(self, request, context):
         method = "Synthesize"
