@@ -30,7 +30,7 @@ from miotts_stream.llm import (
 )
 
 from .access import AccessPolicy
-from .engine import SessionLimits, SpeechEngine
+from .engine import ErrorCode, SessionError, SessionLimits, SpeechEngine
 from .metrics import ServiceMetrics
 from .pb.miotts.v1 import tts_pb2
 from .servicer import TextToSpeechServicer, add_to_server
@@ -202,6 +202,10 @@ class MioTTSServer:
         )
         self.port = 0
         self.metrics_port: int | None = None
+        self._drain_cut = asyncio.Event()  # a second signal: stop waiting for open streams
+
+    def cut_drain(self) -> None:
+        self._drain_cut.set()
 
     async def start(self) -> int:
         add_to_server(self.servicer, self.grpc)
@@ -256,11 +260,23 @@ class MioTTSServer:
                 timeout_s,
             )
         while self.engine.sessions and time.monotonic() < deadline:
+            if self._drain_cut.is_set():
+                break
             await asyncio.sleep(0.05)
-        if self.engine.sessions:
-            logger.warning(
-                "drain timeout: cancelling %d streams still open", len(self.engine.sessions)
+        if not self.engine.sessions:
+            return
+        logger.warning("drain over: ending %d streams still open", len(self.engine.sessions))
+        for session in list(self.engine.sessions):
+            session.fail(
+                SessionError(
+                    ErrorCode.UNAVAILABLE,
+                    "server: shut down before this stream finished; retry on another instance",
+                )
             )
+        for _ in range(40):  # their handlers send that status and release their slots
+            if not self.engine.sessions:
+                break
+            await asyncio.sleep(0.05)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Drain for up to `grace` seconds, then cancel what is left and close everything."""
@@ -279,10 +295,17 @@ async def run_server(options: ServerOptions) -> None:
         await engine.close()  # do not leave vLLM's worker processes behind
         raise
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: ending open streams now")
+            server.cut_drain()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     logger.info("shutting down: draining for up to %g s", options.drain_timeout_s)
     await server.stop(options.drain_timeout_s)
