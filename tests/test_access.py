@@ -294,3 +294,40 @@ async def test_a_keys_max_streams_is_its_own_limit(servers):
                 break
             await asyncio.sleep(0.01)
         await _synthesize(channel, team_a)
+
+
+# ---- the example client -------------------------------------------------------------------
+
+
+async def _client_example(*args: str) -> tuple[int, str]:
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(root / "client_example.py"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 240)
+    return process.returncode, out.decode()
+
+
+async def test_client_example_with_tls_and_keys(servers, pki, tmp_path):
+    wav = tmp_path / "out.wav"
+    code, out = await _client_example(
+        "Over TLS, word by word.", "--stream-text", "--word-delay", "0",
+        "--server", f"127.0.0.1:{servers['mtls'].port}", "--tls-ca", str(pki["ca"]),
+        "--tls-cert", str(pki["client"]), "--tls-key", str(pki["client_key"]),
+        "--out", str(wav), "--timeout", "120",
+    )  # fmt: skip
+    assert code == 0, out
+    assert wav.stat().st_size > 44
+    code, out = await _client_example(
+        "Who am I?", "--server", f"127.0.0.1:{servers['keys'].port}", "--api-key", "nope-nope-nope"
+    )
+    assert code == 1
+    assert f"UNAUTHENTICATED: {UNAUTHENTICATED_MESSAGE}" in out

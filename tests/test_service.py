@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -438,6 +439,21 @@ async def test_a_decode_failure_ends_the_stream_with_internal(stub, server, monk
 
     monkeypatch.setattr(server.engine.decoder, "run_batch", broken_run_batch)
     await expect_internal(stub, server, "Boom.", "decoding failed")
+    monkeypatch.undo()
+    ok = await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Fine.")))
+    assert ok["summary"].generated_tokens > 0
+
+
+async def test_non_finite_audio_is_never_sent(stub, server, monkeypatch):
+    """A decode that yields NaN (a codec fault, an embedding that slipped through) ends its
+    stream with INTERNAL instead of sending the NaN samples."""
+    real_run_batch = server.engine.decoder.run_batch
+
+    def nan_run_batch(*args, **kwargs):
+        return [torch.full_like(wave, float("nan")) for wave in real_run_batch(*args, **kwargs)]
+
+    monkeypatch.setattr(server.engine.decoder, "run_batch", nan_run_batch)
+    await expect_internal(stub, server, "Not a number.", "decoding produced invalid audio")
     monkeypatch.undo()
     ok = await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Fine.")))
     assert ok["summary"].generated_tokens > 0

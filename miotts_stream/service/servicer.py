@@ -68,6 +68,10 @@ GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
 ERROR_DRAIN_S = 0.25
 
 
+# How long a failed session's handler may stay blocked on one response before it is stopped.
+BLOCKED_WRITE_GRACE_S = 1.0
+
+
 async def _drain(requests, seconds: float = ERROR_DRAIN_S) -> None:
     async def consume() -> None:
         async for _ in requests:
@@ -327,11 +331,19 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         handler = asyncio.current_task()
 
         def interrupt() -> None:
-            # The session failed (a limit, a bad message) while this handler waits for the
-            # client to take a response: a client that stopped reading would never let it see
-            # the error, so stop the handler now; gRPC then ends the call.
-            if session.event_offered_at is not None and handler is not None:
-                handler.cancel()
+            # The session failed (a limit, a bad message, the drain) while this handler may be
+            # blocked handing a response to a client that stopped reading: such a client would
+            # never let it reach the error. A reading client takes the response within the
+            # grace, and the handler then ends the call with the session's status itself.
+            offered = session.event_offered_at
+            if offered is None or handler is None:
+                return
+
+            def still_blocked() -> None:
+                if session.event_offered_at == offered and not handler.done():
+                    handler.cancel()
+
+            asyncio.get_running_loop().call_later(BLOCKED_WRITE_GRACE_S, still_blocked)
 
         session.on_fail(interrupt)
         try:
