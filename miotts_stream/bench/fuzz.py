@@ -34,6 +34,11 @@ EXPECTED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# grpcio's asyncio client reports this instead of the server's status when one of its writes
+# lands after the call ended (grpc/grpc#36066): the client's pauses in the middle of a stream
+# can outlast the server's short drain. Counted apart, not as a server failure.
+CLIENT_LOST_STATUS = "Internal error from Core"
+
 _ALPHABET = "abc xyz. ,!?こんにちは。" + "".join(map(chr, range(0, 32))) + "\u202e\ufeff\U0001f600"
 
 
@@ -98,8 +103,8 @@ def random_sequence(rng: random.Random, max_text_chars: int) -> tuple[list[bytes
 
 
 async def run_sequence(channel: grpc.aio.Channel, rng: random.Random, max_text_chars: int):
-    """Run one random sequence; returns its final status code. AssertionError on a status
-    outside the documented set."""
+    """Run one random sequence; returns its final status code ("LOST_BY_CLIENT" for
+    grpc/grpc#36066). AssertionError on a status outside the documented set."""
     messages, hang_up = random_sequence(rng, max_text_chars)
     call = channel.stream_stream(
         STREAMING,
@@ -125,6 +130,8 @@ async def run_sequence(channel: grpc.aio.Channel, rng: random.Random, max_text_c
     except grpc.aio.AioRpcError:
         pass
     code = await responses.code()
+    if code == grpc.StatusCode.INTERNAL and await responses.details() == CLIENT_LOST_STATUS:
+        return "LOST_BY_CLIENT"
     if code not in EXPECTED:
         shown = [m[:40] if isinstance(m, bytes) else m for m in messages]
         raise AssertionError(f"unexpected {code}: {await responses.details()} for {shown!r}")
@@ -169,7 +176,8 @@ async def _main(args) -> int:
                         code = await asyncio.wait_for(
                             run_sequence(channel, rng, options.max_text_chars), 60
                         )
-                        codes[code.name] = codes.get(code.name, 0) + 1
+                        name = code if isinstance(code, str) else code.name
+                        codes[name] = codes.get(name, 0) + 1
                     except (AssertionError, TimeoutError) as err:
                         failures += 1
                         print(f"FAIL: {type(err).__name__}: {err}", file=sys.stderr)

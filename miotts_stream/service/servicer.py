@@ -373,6 +373,8 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             if reader is not None:
+                if not reader.done():  # let it drain the client's last messages first
+                    await asyncio.wait({reader}, timeout=ERROR_DRAIN_S)
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
@@ -473,7 +475,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     ended = True
                 elif kind == "cancel":
                     session.cancel()
-                    return
+                    break
                 elif kind == "config":
                     raise _invalid("config: sent twice; only the first message may be a config")
                 else:
@@ -482,8 +484,10 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 session.end_input()  # half-close without end_of_input: finish what was sent
         except SessionError as err:
             session.fail(err)
-            async for _ in requests:  # see ERROR_DRAIN_S; the handler stops this soon
-                pass
+        # After a cancel or an error the client may still be sending: read and drop that
+        # until it half-closes (see ERROR_DRAIN_S; the handler stops this soon).
+        async for _ in requests:
+            pass
 
     async def Synthesize(self, request, context):
         method = "Synthesize"
