@@ -283,6 +283,30 @@ async def test_unary_invalid_utf8_is_invalid_argument(channel, stub, server, tex
     await serves_normally(stub, server)
 
 
+@pytest.mark.parametrize("bad_first", [True, False])
+async def test_early_rejection_with_queued_messages_keeps_its_status(server, stub, bad_first):
+    """grpc/grpc#36066: a grpcio asyncio client whose queued writes land after the server's
+    status reports INTERNAL "Internal error from Core" instead. The server reads the client's
+    remaining messages before it answers, so the real status arrives, on fresh channels too."""
+    bad = req(config=config(audio={"sample_rate_hz": -1}))
+    if bad_first:
+        messages = [bad] + [req(text="queued. ") for _ in range(20)]
+        expected = "audio.sample_rate_hz"
+    else:
+        messages = [req(config=config()), req(text="x" * (MAX_TEXT_CHARS + 1))]
+        messages += [req(text="queued. ") for _ in range(20)]
+        expected = "text:"
+    for _ in range(10):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as fresh:
+            call = tts_pb2_grpc.TextToSpeechStub(fresh).StreamingSynthesize(iter(messages))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in call:
+                    pass
+        assert caught.value.code() == INVALID, caught.value.details()
+        assert expected in caught.value.details()
+    await serves_normally(stub, server)
+
+
 async def test_control_characters_are_spoken_around(stub, server):
     text = "Hello\x00 there\x07.\x1b[31m Bye\u202e\ufeff."
     call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text=text))

@@ -72,13 +72,13 @@ ERROR_DRAIN_S = 0.25
 BLOCKED_WRITE_GRACE_S = 1.0
 
 
-async def _drain(requests, seconds: float = ERROR_DRAIN_S) -> None:
+async def _drain(requests) -> None:
     async def consume() -> None:
         async for _ in requests:
             pass
 
     with contextlib.suppress(Exception):  # includes TimeoutError
-        await asyncio.wait_for(consume(), seconds)
+        await asyncio.wait_for(consume(), ERROR_DRAIN_S)
 
 
 def _invalid(message: str) -> SessionError:
