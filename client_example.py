@@ -6,14 +6,20 @@
 Prints time to first audio and the real-time factor. Opus, Ogg Opus and G.711 audio is decoded
 back to PCM for the WAV file. --stream-text sends the text word by word with small delays, as
 an upstream LLM would, over the bidirectional StreamingSynthesize RPC.
+
+A server with TLS: --tls-ca ca.pem (and --tls-cert/--tls-key when it wants client
+certificates); with API keys: --api-key KEY (or the MIOTTS_API_KEY environment variable).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 import time
 import wave
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -34,24 +40,73 @@ def build_config(args) -> tts_pb2.SynthesisConfig:
     )
 
 
-async def requests(args, config):
-    yield tts_pb2.StreamingSynthesizeRequest(config=config)
+async def send_text(call, args, config) -> None:
+    """Write the requests one by one, and stop as soon as the call has ended.
+
+    grpcio's asyncio client reports INTERNAL "Internal error from Core" instead of the server's
+    status when one of its writes lands after the server ended the call (grpc/grpc#36066): so
+    no write once the call is done, and a failed write just ends the sending.
+    """
     words = args.text.split(" ")
-    for i, word in enumerate(words):
-        yield tts_pb2.StreamingSynthesizeRequest(text=word + (" " if i < len(words) - 1 else ""))
-        await asyncio.sleep(args.word_delay)
-    yield tts_pb2.StreamingSynthesizeRequest(end_of_input=tts_pb2.EndOfInput())
+    messages = [tts_pb2.StreamingSynthesizeRequest(config=config)]
+    messages += [
+        tts_pb2.StreamingSynthesizeRequest(text=word + (" " if i < len(words) - 1 else ""))
+        for i, word in enumerate(words)
+    ]
+    messages.append(tts_pb2.StreamingSynthesizeRequest(end_of_input=tts_pb2.EndOfInput()))
+    try:
+        for i, message in enumerate(messages):
+            if call.done():
+                return
+            await call.write(message)
+            if 0 < i < len(messages) - 1:
+                await asyncio.sleep(args.word_delay)
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        return  # the call ended: its status comes with the responses
+
+
+def open_channel(args) -> grpc.aio.Channel:
+    if not args.tls_ca and not args.tls_cert:
+        return grpc.aio.insecure_channel(args.server)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+        private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+        certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+    )
+    return grpc.aio.secure_channel(args.server, credentials)
+
+
+def explain(err: grpc.aio.AioRpcError) -> str:
+    if err.code() == grpc.StatusCode.INTERNAL and "Internal error from Core" in err.details():
+        return (
+            "the server ended the stream while this client was still sending, and grpcio "
+            "lost its status (grpc/grpc#36066); the server log has the reason"
+        )
+    return f"{err.code().name}: {err.details()}"
 
 
 async def synthesize(args) -> None:
+    try:
+        await _synthesize(args)
+    except grpc.aio.AioRpcError as err:
+        sys.exit(f"error: {explain(err)}")
+
+
+async def _synthesize(args) -> None:
     config = build_config(args)
-    async with grpc.aio.insecure_channel(args.server) as channel:
+    api_key = args.api_key or os.environ.get("MIOTTS_API_KEY")
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    async with open_channel(args) as channel:
         stub = tts_pb2_grpc.TextToSpeechStub(channel)
         start = time.perf_counter()
+        sender = None
         if args.stream_text:
-            call = stub.StreamingSynthesize(requests(args, config))
+            call = stub.StreamingSynthesize(metadata=metadata, timeout=args.timeout)
+            sender = asyncio.ensure_future(send_text(call, args, config))
         else:
-            call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=config, text=args.text))
+            request = tts_pb2.SynthesizeRequest(config=config, text=args.text)
+            call = stub.Synthesize(request, metadata=metadata, timeout=args.timeout)
         data, packets, first_audio, summary = b"", [], None, None
         async for response in call:
             kind = response.WhichOneof("response")
@@ -68,6 +123,8 @@ async def synthesize(args) -> None:
                 )
             elif kind == "summary":
                 summary = response.summary
+        if sender is not None:
+            await sender
     elapsed = time.perf_counter() - start
     rate = summary.sample_rate_hz
     audio = decode_audio(
@@ -110,6 +167,11 @@ def main() -> None:
         help="send the text word by word, as an upstream LLM would",
     )
     p.add_argument("--word-delay", type=float, default=0.05, help="seconds between words")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of the call, seconds")
+    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer KEY'")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificates: connect with TLS")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
     p.add_argument("--verbose", action="store_true")
     asyncio.run(synthesize(p.parse_args()))
 

@@ -190,6 +190,76 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         help="codec compute precision (default auto: bfloat16 autocast on CUDA as upstream,\n"
         "float32 on CPU; float32 on CUDA uses TF32 matrix units)",
     )
+    limits = p.add_argument_group("limits and timeouts (seconds; 0 disables one)")
+    limits.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=d.idle_timeout_s,
+        help="close a stream that sends nothing for this long while nothing is pending\n"
+        "(all its audio sent, or only a config) with DEADLINE_EXCEEDED\n"
+        f"(default {d.idle_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--max-stream-s",
+        type=float,
+        default=d.max_stream_s,
+        help="longest a stream may stay open, generation included; then DEADLINE_EXCEEDED\n"
+        f"(default {d.max_stream_s:g})",
+    )
+    limits.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=d.stall_timeout_s,
+        help="cancel a stream whose client has read nothing for this long, aborting its\n"
+        f"LLM request (default {d.stall_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=d.drain_timeout_s,
+        help="on SIGTERM/SIGINT, how long open streams may take to finish before they are\n"
+        f"cancelled (default {d.drain_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--keepalive-time-s",
+        type=float,
+        default=d.keepalive_time_s,
+        help=f"HTTP/2 ping interval to find dead peers (default {d.keepalive_time_s:g})",
+    )
+    limits.add_argument(
+        "--keepalive-timeout-s",
+        type=float,
+        default=d.keepalive_timeout_s,
+        help="drop a peer that does not answer a ping within this time\n"
+        f"(default {d.keepalive_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--max-receive-message-bytes",
+        type=int,
+        default=d.max_receive_message_bytes,
+        help="largest request message; larger ones get RESOURCE_EXHAUSTED\n"
+        f"(default {d.max_receive_message_bytes}: 16 MiB of reference audio plus 64 KiB)",
+    )
+    access = p.add_argument_group("access")
+    access.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
+    access.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    access.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="PEM CA certificates: require client certificates they signed (mTLS)",
+    )
+    access.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        dest="api_keys",
+        help="accept this key (clients send 'authorization: Bearer KEY'); may be repeated",
+    )
+    access.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file of keys, one per line: KEY [name=NAME] [max_streams=N]",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = p.parse_args(argv)
     logging.basicConfig(

@@ -46,6 +46,11 @@ def generate(out: Path) -> None:
         (folder / "__init__.py").touch()
 
 
+def _sources(folder: Path) -> list[Path]:
+    """The generated .py and .pyi files (not the bytecode Python caches beside them)."""
+    return [p for p in folder.rglob("*") if p.suffix in (".py", ".pyi")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
@@ -55,8 +60,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
-        fresh = {p.relative_to(tmp): p.read_text() for p in Path(tmp).rglob("*.py*")}
-    committed = {p.relative_to(OUT): p.read_text() for p in OUT.rglob("*.py*")}
+        fresh = {p.relative_to(tmp): p.read_text() for p in _sources(Path(tmp))}
+    committed = {p.relative_to(OUT): p.read_text() for p in _sources(OUT)}
     if fresh != committed:
         sys.exit("generated gRPC code is stale: run python scripts/gen_proto.py")
 

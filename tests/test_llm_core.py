@@ -32,6 +32,10 @@ def test_defaults_are_upstreams() -> None:
     [
         ("temperature", -0.1),
         ("temperature", float("nan")),
+        ("temperature", 2.5),  # vLLM refuses above 2: must fail here, at config time
+        ("temperature", 1e6),
+        ("repetition_penalty", 2.5),
+        ("repetition_penalty", float("inf")),
         ("top_p", 0.0),
         ("top_p", 1.5),
         ("repetition_penalty", 0.0),
@@ -49,6 +53,12 @@ def test_out_of_range_options_name_the_field(field: str, value: object) -> None:
 
 def test_edge_values_are_valid() -> None:
     SamplingOptions(temperature=0.0, top_p=1.0, repetition_penalty=1.5, max_tokens=1, seed=0)
+    SamplingOptions(temperature=2.0, top_p=1e-6, repetition_penalty=2.0).validate()
+
+
+def test_the_message_gives_the_range() -> None:
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\], got 2.5"):
+        SamplingOptions(temperature=2.5).validate()
 
 
 # ---- runaway guard ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,33 @@ def test_server_help_explains_every_flag():
     ):
         assert flag in result.stdout
     assert "random weights" in result.stdout
+
+
+def test_security_and_limit_flags_map_to_options():
+    flags = (
+        "--idle-timeout-s 5 --max-stream-s 60 --stall-timeout-s 7 --drain-timeout-s 9 "
+        "--keepalive-time-s 11 --keepalive-timeout-s 3 --max-receive-message-bytes 1000 "
+        "--tls-cert c.pem --tls-key k.pem --tls-client-ca ca.pem --api-key one-key-123 "
+        "--api-key two-key-456 --api-keys-file keys.txt"
+    )
+    options = server.parse_args(shlex.split(flags))
+    limits = options.session_limits()
+    assert (limits.idle_s, limits.max_stream_s, limits.stall_s) == (5, 60, 7)
+    assert options.drain_timeout_s == 9
+    assert (options.tls_cert, options.tls_key, options.tls_client_ca) == (
+        "c.pem",
+        "k.pem",
+        "ca.pem",
+    )
+    assert options.api_keys == ["one-key-123", "two-key-456"]
+    assert options.api_keys_file == "keys.txt"
+    assert "one-key-123" not in repr(options)  # keys stay out of logged option dumps
+    grpc_options = dict(options.grpc_options())
+    assert grpc_options["grpc.max_receive_message_length"] == 1000
+    assert grpc_options["grpc.keepalive_time_ms"] == 11000
+    assert grpc_options["grpc.keepalive_timeout_ms"] == 3000
+    defaults = server.parse_args([])
+    assert defaults.idle_timeout_s == 20 and defaults.drain_timeout_s == 30
+    assert "grpc.keepalive_time_ms" not in dict(
+        server.parse_args(["--keepalive-time-s", "0"]).grpc_options()
+    )

@@ -15,6 +15,9 @@ import torch
 EMBEDDING_DIM = 128
 BUILTIN_PRESETS_DIR = Path(__file__).with_name("presets")
 VOICE_SUFFIXES = (".pt", ".npy", ".safetensors")
+# Largest magnitude accepted for one embedding value. MioCodec's global encoder gives values
+# within about +-8 (the presets); far larger ones overflow the decoder into NaN or silence.
+EMBEDDING_MAX_ABS = 100.0
 
 
 def check_embedding(embedding: object, dim: int, what: str = "global_embedding") -> torch.Tensor:
@@ -34,6 +37,11 @@ def check_embedding(embedding: object, dim: int, what: str = "global_embedding")
         raise ValueError(f"{what}: expected {dim} floats, got shape {tuple(e.shape)}")
     if not torch.isfinite(e).all():
         raise ValueError(f"{what}: holds NaN or infinite values")
+    if (peak := float(e.abs().max())) > EMBEDDING_MAX_ABS:
+        raise ValueError(
+            f"{what}: values must lie within +-{EMBEDDING_MAX_ABS:g} (speaker embeddings are "
+            f"within about +-10), got {peak:g}"
+        )
     return e
 
 

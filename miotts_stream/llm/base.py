@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from miotts_stream.text import normalize_text
 
@@ -42,9 +42,32 @@ class EngineState(enum.Enum):
 EngineStateListener = Callable[[EngineState], None]
 
 
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval for one sampling field; the one place its bounds are written."""
+
+    low: float
+    high: float
+    low_open: bool = False  # (low, ...] instead of [low, ...]
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
 @dataclass
 class SamplingOptions:
-    """Per-request sampling, defaults as upstream MioTTS-Inference."""
+    """Per-request sampling, defaults as upstream MioTTS-Inference.
+
+    `RANGES` is the one source of truth for what a request may ask: the transports check it
+    when a stream is configured, and the token sources check it again before a request goes to
+    the LLM (vLLM itself refuses a temperature above 2, for one).
+    """
 
     temperature: float = 0.8
     top_p: float = 1.0
@@ -52,22 +75,30 @@ class SamplingOptions:
     max_tokens: int = 700  # 28 s of audio
     seed: int | None = None  # same seed, same text, same engine: same tokens
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "temperature": Range(0.0, 2.0),
+        "top_p": Range(0.0, 1.0, low_open=True),
+        "repetition_penalty": Range(0.0, 2.0, low_open=True),
+        "max_tokens": Range(1, 2**31 - 1),
+        "seed": Range(0, 2**63 - 1),
+    }
+
     def validate(self) -> None:
-        """Raises ValueError naming the first field out of range."""
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
-        ):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        """Raises ValueError naming the first field out of range ("temperature must be ...")."""
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not self.RANGES[name].contains(float(value)):
+                raise ValueError(f"{name} must be in {self.RANGES[name]}, got {value}")
+        for name in ("max_tokens", "seed"):
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not self.RANGES[name].contains(value):
+                raise ValueError(f"{name} must be in {self.RANGES[name]}, got {value}")
 
 
 @dataclass(frozen=True)

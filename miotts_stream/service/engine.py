@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 import uuid
@@ -50,12 +51,52 @@ LANGUAGES = ("auto", "ja", "en")
 _INTERRUPT = object()
 
 
-class SessionError(Exception):
-    """A request problem; `code` names the gRPC status the transport should use."""
+class ErrorCode(enum.Enum):
+    """Why a session ended, as the engine sees it; each transport maps these to its own
+    statuses (gRPC status codes; HTTP statuses later). Values are the gRPC names."""
 
-    def __init__(self, code: str, message: str):
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+
+
+class SessionError(Exception):
+    """A request problem; `code` says which status the transport should use.
+
+    The message goes to the client as it is: it names the field or the limit, never internals.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str):
         super().__init__(message)
-        self.code = code  # INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...
+        self.code = ErrorCode(code)  # a name ("INTERNAL") is accepted and made typed
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Time limits per session (seconds; 0 or less disables one).
+
+    idle: nothing pending (all audio sent, or only a config) and no message from the client.
+    max_stream: the whole session, from open to close, generation included.
+    stall: the client stopped reading: an event has waited that long to be taken.
+    """
+
+    idle_s: float = 20.0
+    max_stream_s: float = 600.0
+    stall_s: float = 30.0
+
+    def check_interval(self) -> float:
+        """How often the watchdog looks: a fraction of the shortest limit, within bounds."""
+        limits = [v for v in (self.idle_s, self.max_stream_s, self.stall_s) if v > 0]
+        return min(0.5, max(0.02, min(limits, default=1.0) / 10))
 
 
 @dataclass
@@ -134,6 +175,7 @@ class SpeechEngine:
         max_batch: int = 32,
         random_weights: bool = False,
         model_name: str = "",
+        limits: SessionLimits | None = None,
     ):
         self.source = source
         self.decoder = decoder
@@ -142,24 +184,46 @@ class SpeechEngine:
         self.max_text_chars = max_text_chars
         self.random_weights = random_weights
         self.model_name = model_name
+        self.limits = limits or SessionLimits()
         self.scheduler = DecodeScheduler(decoder, max_batch=max_batch)
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: set[SynthesisSession] = set()
+        self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.scheduler.start()
+        self._watchdog = asyncio.get_running_loop().create_task(
+            self._watch_sessions(), name="session-watchdog"
+        )
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
         for session in list(self.sessions):
             await session.close()
         await self.scheduler.close()
         await asyncio.to_thread(self.encode_pool.shutdown, wait=True)
         await self.source.close()
 
+    async def _watch_sessions(self) -> None:
+        """End sessions over a time limit: idle ones, stalled readers, too long streams."""
+        interval = self.limits.check_interval()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.perf_counter()
+            for session in list(self.sessions):
+                error = session.over_limit(self.limits, now)
+                if error is not None:
+                    logger.info("session %s: %s", session.id, error)
+                    session.fail(error)
+
     def open_session(self, config: SessionConfig) -> SynthesisSession:
         if len(self.sessions) >= self.max_streams:
             raise SessionError(
-                "RESOURCE_EXHAUSTED",
+                ErrorCode.RESOURCE_EXHAUSTED,
                 f"server busy: {len(self.sessions)} streams open (--max-streams "
                 f"{self.max_streams}); retry later",
             )
@@ -186,6 +250,12 @@ class SynthesisSession:
         self._cancelled = asyncio.Event()
         self._error: SessionError | None = None
         self._failed = asyncio.Event()
+        self._on_fail: list = []  # callbacks: a transport stops a reader it cannot reach
+        # For the watchdog: when input last came, since when events() has waited for input
+        # (None while it has work), since when an event has waited to be taken by the client.
+        self.last_input_at = time.perf_counter()
+        self.waiting_for_input_since: float | None = None
+        self.event_offered_at: float | None = None
         self._generation = asyncio.get_running_loop().create_task(
             self._generate(), name=f"generate-{self.id}"
         )
@@ -198,14 +268,15 @@ class SynthesisSession:
     # ---- input ---------------------------------------------------------------------------
     def _check_open(self, kind: str) -> None:
         if self._input_ended:
-            raise SessionError("INVALID_ARGUMENT", f"request: {kind} after end_of_input")
+            raise SessionError(ErrorCode.INVALID_ARGUMENT, f"request: {kind} after end_of_input")
+        self.last_input_at = time.perf_counter()
 
     def push_text(self, text: str) -> None:
         self._check_open("text")
         self.text_chars += len(text)
         if self.text_chars > self.engine.max_text_chars:
             raise SessionError(
-                "INVALID_ARGUMENT",
+                ErrorCode.INVALID_ARGUMENT,
                 f"text: {self.text_chars} characters exceeds the limit of "
                 f"{self.engine.max_text_chars} per stream",
             )
@@ -224,7 +295,7 @@ class SynthesisSession:
         self._input_ended = True
         self._input_changed.set()
         if not self._segment_list:
-            raise SessionError("INVALID_ARGUMENT", "text: no text to synthesize")
+            raise SessionError(ErrorCode.INVALID_ARGUMENT, "text: no text to synthesize")
         self._segments.put_nowait(None)
 
     def cancel(self) -> None:
@@ -249,12 +320,51 @@ class SynthesisSession:
         self._failed.set()
         self._generation.cancel()
         self._interrupt_reader()
+        for callback in self._on_fail:
+            callback()
+        self._on_fail.clear()
 
     def _interrupt_reader(self) -> None:
         """Wakes `events()` if it waits for a chunk, so it sees the cancel or the failure."""
         for segment in self._segment_list:
             if segment.scheduled is not None:
                 segment.scheduled.output.put_nowait(_INTERRUPT)
+
+    def on_fail(self, callback) -> None:
+        """Call `callback()` (no arguments) once, when the session fails."""
+        if self._failed.is_set():
+            callback()
+        else:
+            self._on_fail.append(callback)
+
+    @property
+    def error(self) -> SessionError | None:
+        return self._error
+
+    def over_limit(self, limits: SessionLimits, now: float) -> SessionError | None:
+        """The time limit this session has passed, as the error to end it with, or None."""
+        if self._closed or self._failed.is_set() or self.cancelled:
+            return None
+        if 0 < limits.max_stream_s < now - self.started_at:
+            return SessionError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"stream: open longer than the limit of {limits.max_stream_s:g} s "
+                "(--max-stream-s); split long texts into several streams",
+            )
+        offered = self.event_offered_at
+        if offered is not None and 0 < limits.stall_s < now - offered:
+            return SessionError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"stream: the client read nothing for {limits.stall_s:g} s (--stall-timeout-s)",
+            )
+        waiting = self.waiting_for_input_since
+        if waiting is not None and 0 < limits.idle_s < now - max(waiting, self.last_input_at):
+            return SessionError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"stream: idle, no message for {limits.idle_s:g} s while nothing was pending "
+                "(--idle-timeout-s)",
+            )
+        return None
 
     # ---- generation ----------------------------------------------------------------------
     def _clock_for(self, segment: _Segment):
@@ -308,16 +418,20 @@ class SynthesisSession:
                 stream.mark_finished()
                 engine.scheduler.wake(segment.scheduled)
         except LLMUnavailableError as err:
-            self.fail(SessionError("UNAVAILABLE", f"speech LLM unavailable: {err}"))
+            logger.warning("session %s: speech LLM unavailable: %s", self.id, err)
+            self.fail(SessionError(ErrorCode.UNAVAILABLE, "speech LLM unavailable; retry later"))
         except LLMRequestError as err:
-            self.fail(SessionError("INVALID_ARGUMENT", f"speech LLM rejected the request: {err}"))
+            self.fail(
+                SessionError(ErrorCode.INVALID_ARGUMENT, f"speech LLM rejected the request: {err}")
+            )
         except LLMError as err:
-            self.fail(SessionError("INTERNAL", f"speech LLM: {err}"))
+            logger.error("session %s: speech LLM failed: %s", self.id, err)
+            self.fail(SessionError(ErrorCode.INTERNAL, "speech LLM failed on this request"))
         except asyncio.CancelledError:
             pass
-        except Exception as err:  # a bug must end the stream with an error, not hang it
+        except Exception:  # a bug must end the stream with an error, not hang it
             logger.exception("session %s: generation failed", self.id)
-            self.fail(SessionError("INTERNAL", f"generation failed: {err}"))
+            self.fail(SessionError(ErrorCode.INTERNAL, "speech generation failed"))
 
     # ---- output --------------------------------------------------------------------------
     async def _next_segment(self, index: int) -> _Segment | None:
@@ -326,7 +440,11 @@ class SynthesisSession:
             if self._input_ended:
                 return None
             self._input_changed.clear()
-            await self._wait_any(self._input_changed.wait())
+            self.waiting_for_input_since = time.perf_counter()
+            try:
+                await self._wait_any(self._input_changed.wait())
+            finally:
+                self.waiting_for_input_since = None
         segment = self._segment_list[index]
         await self._wait_any(segment.started.wait())
         return segment
@@ -367,7 +485,27 @@ class SynthesisSession:
         return AudioOut(encoded, start, segment_index, sequence)
 
     async def events(self) -> AsyncIterator[Event]:
-        """Events in order; ends after the Summary, or quietly after cancel."""
+        """Events in order; ends after the Summary, or quietly after cancel.
+
+        Iterate with `contextlib.aclosing(session.events())`, or the generator's cleanup runs
+        whenever the garbage collector gets to it. The time each event waits to be taken is
+        what the stall limit measures.
+        """
+        async with contextlib.aclosing(self._events()) as events:
+            async for event in events:
+                self.event_offered_at = time.perf_counter()
+                try:
+                    yield event
+                finally:
+                    self.event_offered_at = None
+
+    @staticmethod
+    def check_audio(chunk: torch.Tensor) -> None:
+        """Never send NaN or infinite samples: a broken decode fails its stream instead."""
+        if not bool(torch.isfinite(chunk).all()):
+            raise SessionError(ErrorCode.INTERNAL, "decoding produced invalid audio")
+
+    async def _events(self) -> AsyncIterator[Event]:
         sequence = 0
         pending_header = self.encoder.stream_header()  # Ogg headers ride on the first chunk
         index = 0
@@ -385,7 +523,9 @@ class SynthesisSession:
                         # The stream may have paused on a full queue: there is room again.
                         self.engine.scheduler.wake(segment.scheduled)
                     if isinstance(chunk, DecodeFailed):
-                        raise SessionError("INTERNAL", f"decoding failed: {chunk.message}")
+                        logger.error("session %s: decoding failed: %s", self.id, chunk.message)
+                        raise SessionError(ErrorCode.INTERNAL, "decoding failed")
+                    self.check_audio(chunk)
                     if self.first_audio_at is None:
                         self.first_audio_at = time.perf_counter()
                     samples += chunk.numel()
@@ -435,7 +575,9 @@ class SynthesisSession:
             return
         self._closed = True
         if self._error is None:  # a reader still waiting in events() must not hang
-            self._error = SessionError("UNAVAILABLE", "the server is shutting down this stream")
+            self._error = SessionError(
+                ErrorCode.UNAVAILABLE, "the server is shutting down this stream"
+            )
         self._failed.set()
         self._interrupt_reader()
         self._generation.cancel()

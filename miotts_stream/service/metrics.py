@@ -51,6 +51,12 @@ class ServiceMetrics:
             "Times the in-process speech engine was started again after its core died",
             registry=self.registry,
         )
+        self.requests_by_key = Counter(
+            "miotts_requests_by_key",
+            "Finished RPCs by API key name (never the key) and gRPC status code",
+            ["key", "code"],
+            registry=self.registry,
+        )
         self._http = None
 
     def watch_decoder(self, scheduler) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,10 +38,11 @@ from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 from miotts_stream.voices import SQLiteVoiceStore
 from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
-from .engine import SpeechEngine
+from .access import AccessPolicy
+from .engine import ErrorCode, SessionError, SessionLimits, SpeechEngine
 from .metrics import ServiceMetrics
-from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from .servicer import TextToSpeechServicer
+from .pb.miotts.v1 import tts_pb2
+from .servicer import TextToSpeechServicer, add_to_server
 
 logger = logging.getLogger("miotts_stream.server")
 
@@ -86,6 +89,69 @@ class ServerOptions:
     ssl_model: str | None = None  # None: wavlm-base-plus with --codec, else the random WavLM
     reference_min_seconds: float = 1.0
     reference_max_seconds: float = 30.0
+    # limits and timeouts (seconds; 0 disables one)
+    idle_timeout_s: float = 20.0
+    max_stream_s: float = 600.0
+    stall_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    # Room for reference audio to clone a voice from (up to 16 MB) plus the rest of a message.
+    max_receive_message_bytes: int = MAX_INPUT_BYTES + 64 * 1024
+    # access
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: clients must present a certificate it signed
+    api_keys: list[str] = field(default_factory=list, repr=False)
+    api_keys_file: str | None = None
+
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            idle_s=self.idle_timeout_s,
+            max_stream_s=self.max_stream_s,
+            stall_s=self.stall_timeout_s,
+        )
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel arguments of the server: message size and keepalive pings."""
+        options = [("grpc.max_receive_message_length", self.max_receive_message_bytes)]
+        if self.keepalive_time_s > 0:
+            options += [
+                # Ping idle connections, so that a peer that vanished (no FIN, no RST) is found
+                # and its streams end, instead of holding slots until TCP gives up hours later.
+                ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # Clients may ping too, but not more often than every 10 s.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10000),
+                ("grpc.http2.max_ping_strikes", 2),
+            ]
+        return options
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS (and mTLS with --tls-client-ca) credentials, or None for plaintext."""
+        if not (self.tls_cert or self.tls_key):
+            if self.tls_client_ca:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        chain = Path(self.tls_cert).read_bytes()
+        key = Path(self.tls_key).read_bytes()
+        client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (as given to --host) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def build_engine(options: ServerOptions) -> SpeechEngine:
@@ -157,6 +223,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         max_batch=options.max_batch,
         random_weights=bool(random_parts),
         model_name=model_name,
+        limits=options.session_limits(),
     )
     await engine.start()
     return engine
@@ -169,12 +236,9 @@ class MioTTSServer:
         self.engine = engine
         self.options = options
         self.metrics = ServiceMetrics()
-        self.grpc = grpc.aio.server(
-            options=[
-                # Reference audio for cloning (up to 16 MB of encoded audio) plus the message.
-                ("grpc.max_receive_message_length", MAX_INPUT_BYTES + 64 * 1024),
-            ]
-        )
+        self.access = AccessPolicy.from_options(options.api_keys, options.api_keys_file)
+        self.credentials = options.server_credentials()
+        self.grpc = grpc.aio.server(options=options.grpc_options())
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -189,19 +253,27 @@ class MioTTSServer:
             partial(make_encoder, options.codec, options.ssl_model, options.device),
             AudioLimits(options.reference_min_seconds, options.reference_max_seconds),
         )
+        self.servicer = TextToSpeechServicer(
+            engine, self.metrics, options.default_voice, self.voices, self.access
+        )
+        self._drain_cut = asyncio.Event()  # a second signal: stop waiting for open streams
+
+    def cut_drain(self) -> None:
+        self._drain_cut.set()
 
     async def start(self) -> int:
-        servicer = TextToSpeechServicer(
-            self.engine, self.metrics, self.options.default_voice, self.voices
-        )
-        tts_pb2_grpc.add_TextToSpeechServicer_to_server(servicer, self.grpc)
+        add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        if self.credentials is not None:
+            self.port = self.grpc.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+            raise OSError(f"cannot bind {address}")
         await self.grpc.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -214,17 +286,30 @@ class MioTTSServer:
         self._lag_watch = asyncio.get_running_loop().create_task(
             self.metrics.watch_event_loop(), name="event-loop-lag"
         )
+        security = "plaintext"
+        if self.credentials is not None:
+            security = "TLS, client certificates required" if self.options.tls_client_ca else "TLS"
         logger.info(
-            "serving %s on %s:%d (metrics on %s)",
+            "serving %s on %s:%d (%s; %s; metrics on %s)",
             SERVICE_NAME,
             self.options.host,
             self.port,
+            security,
+            f"{len(self.access.keys)} API keys" if self.access.enabled else "no API keys",
             self.metrics_port,
         )
+        if self.credentials is None and not is_loopback(self.options.host):
+            logger.warning(
+                "PLAINTEXT on %s: text, audio and API keys cross the network unencrypted. "
+                "Pass --tls-cert and --tls-key, or listen on 127.0.0.1 behind a TLS proxy.",
+                self.options.host,
+            )
         return self.port
 
     def _on_engine_state(self, state: EngineState) -> None:
         """The engine's state as gRPC health: SERVING only while the engine serves."""
+        if self.servicer.draining:
+            return  # shutting down: NOT_SERVING stays
         serving = state is EngineState.SERVING
         if serving:
             self.metrics.engine_restarts.inc()  # the first SERVING is no change: not heard
@@ -243,10 +328,43 @@ class MioTTSServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop taking streams (health NOT_SERVING, new streams UNAVAILABLE) and give the
+        open ones up to `timeout_s` (default --drain-timeout-s) to finish."""
+        timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
+        self.servicer.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.grpc.stop(grace)
+        deadline = time.monotonic() + timeout_s
+        if self.engine.sessions:
+            logger.info(
+                "draining: %d streams open, waiting up to %g s",
+                len(self.engine.sessions),
+                timeout_s,
+            )
+        while self.engine.sessions and time.monotonic() < deadline:
+            if self._drain_cut.is_set():
+                break
+            await asyncio.sleep(0.05)
+        if not self.engine.sessions:
+            return
+        logger.warning("drain over: ending %d streams still open", len(self.engine.sessions))
+        for session in list(self.engine.sessions):
+            session.fail(
+                SessionError(
+                    ErrorCode.UNAVAILABLE,
+                    "server: shut down before this stream finished; retry on another instance",
+                )
+            )
+        for _ in range(40):  # their handlers send that status and release their slots
+            if not self.engine.sessions:
+                break
+            await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Drain for up to `grace` seconds, then cancel what is left and close everything."""
+        await self.drain(grace)
+        await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
         if self._lag_watch is not None:
             self._lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -265,17 +383,25 @@ async def run_server(options: ServerOptions) -> None:
         await engine.close()  # do not leave vLLM's worker processes behind
         raise
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: ending open streams now")
+            server.cut_drain()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.engine_died.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for waiting in waits:
         waiting.cancel()
     if server.engine_died.is_set():
         logger.error("the speech engine died; exiting (--exit-on-engine-death)")
-    logger.info("shutting down")
-    await server.stop()
-    if server.engine_died.is_set():
+        await server.stop(0)
         raise SystemExit(ENGINE_DEATH_EXIT_CODE)
+    logger.info("shutting down: draining for up to %g s", options.drain_timeout_s)
+    await server.stop(options.drain_timeout_s)
+    logger.info("stopped")

@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from miotts_stream.audio.encoders import Encoding, output_rate
@@ -20,9 +24,11 @@ from miotts_stream.llm import SamplingOptions
 from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord
 from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
 
+from .access import UNAUTHENTICATED_MESSAGE, AccessPolicy, ApiKey
 from .engine import (
     LANGUAGES,
     AudioOut,
+    ErrorCode,
     Event,
     SegmentFinished,
     SegmentStarted,
@@ -56,8 +62,135 @@ _ENCODING_TO_PROTO = {
 MAX_WINDOW_FIELD_TOKENS = 250
 
 
+GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
+
+# Before ending a stream with an error, read (and drop) what the client is still sending, for up
+# to this long or until it half-closes. grpcio's asyncio client reports INTERNAL "Internal error
+# from Core" instead of our status when one of its writes lands after the status arrived
+# (grpc/grpc#36066); messages it had already queued are written within milliseconds.
+ERROR_DRAIN_S = 0.25
+
+
+# How long a failed session's handler may stay blocked on one response before it is stopped.
+BLOCKED_WRITE_GRACE_S = 1.0
+
+
+async def _drain(requests) -> None:
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):  # includes TimeoutError
+        await asyncio.wait_for(consume(), ERROR_DRAIN_S)
+
+
 def _invalid(message: str) -> SessionError:
-    return SessionError("INVALID_ARGUMENT", message)
+    return SessionError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+# ---- requests that do not parse -----------------------------------------------------------
+#
+# grpcio runs the request deserializer inside its own machinery: if it raises (protobuf refuses
+# a `string` field that is not valid UTF-8), a unary call ends with UNKNOWN and a streaming call
+# hangs. So the deserializers below never raise: they hand the servicer an `Undecodable` that
+# names the field, and the servicer answers INVALID_ARGUMENT like for any other bad field.
+
+
+@dataclass
+class Undecodable:
+    """A request message that did not parse; `message` names the field and the problem."""
+
+    message: str
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise DecodeError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def find_bad_field(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The dotted name of the first `string` field in `data` that is not valid UTF-8 (searching
+    nested messages), "<message>" if the bytes are not protobuf at all, None if neither."""
+    pos = 0
+    try:
+        while pos < len(data):
+            tag, pos = _varint(data, pos)
+            number, wire_type = tag >> 3, tag & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+                continue
+            if wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+                continue
+            if wire_type != 2:
+                return prefix.rstrip(".") or "<message>"
+            length, pos = _varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+            if pos > len(data):
+                return prefix.rstrip(".") or "<message>"
+            field = descriptor.fields_by_number.get(number)
+            if field is None:
+                continue
+            if field.type == FieldDescriptor.TYPE_STRING:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return prefix + field.name
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                bad = find_bad_field(field.message_type, value, f"{prefix}{field.name}.")
+                if bad is not None:
+                    return bad
+    except DecodeError:
+        return prefix.rstrip(".") or "<message>"
+    return None
+
+
+def tolerant_deserializer(message_type):
+    """`message_type.FromString`, returning an `Undecodable` instead of raising."""
+
+    def deserialize(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            bad = find_bad_field(message_type.DESCRIPTOR, data)
+            if bad is None or bad == "<message>":
+                return Undecodable("request: not a valid protobuf message")
+            return Undecodable(f"{bad}: not valid UTF-8")
+
+    return deserialize
+
+
+def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated `add_TextToSpeechServicer_to_server`, with
+    deserializers that report bad requests to the servicer instead of failing inside grpcio."""
+    handlers = {
+        "StreamingSynthesize": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamingSynthesize,
+            request_deserializer=tolerant_deserializer(tts_pb2.StreamingSynthesizeRequest),
+            response_serializer=tts_pb2.StreamingSynthesizeResponse.SerializeToString,
+        ),
+        "Synthesize": grpc.unary_stream_rpc_method_handler(
+            servicer.Synthesize,
+            request_deserializer=tolerant_deserializer(tts_pb2.SynthesizeRequest),
+            response_serializer=tts_pb2.StreamingSynthesizeResponse.SerializeToString,
+        ),
+        "ListVoices": grpc.unary_unary_rpc_method_handler(
+            servicer.ListVoices,
+            request_deserializer=tolerant_deserializer(tts_pb2.ListVoicesRequest),
+            response_serializer=tts_pb2.ListVoicesResponse.SerializeToString,
+        ),
+    }
+    service = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
@@ -67,11 +200,15 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         metrics: ServiceMetrics,
         default_voice: str,
         voices: VoiceRegistry | None = None,
+        access: AccessPolicy | None = None,
     ):
         self.engine = engine
         self.metrics = metrics
         self.default_voice = default_voice
         self.voices = voices  # stored voices and cloning; None: presets and embeddings only
+        self.access = access or AccessPolicy()
+        self.draining = False  # set on shutdown: new streams are refused, open ones finish
+        self._streams_by_key: Counter[str] = Counter()
 
     # ---- config --------------------------------------------------------------------------
     def session_config(self, config: tts_pb2.SynthesisConfig) -> SessionConfig:
@@ -89,7 +226,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             if name not in engine.voices:
                 known = ", ".join(engine.voices.names())
                 raise SessionError(
-                    "NOT_FOUND", f"voice.preset: unknown preset {name!r} (known: {known})"
+                    ErrorCode.NOT_FOUND, f"voice.preset: unknown preset {name!r} (known: {known})"
                 )
             voice = engine.voices.get(name)
 
@@ -191,81 +328,149 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             )
         )
 
-    async def _run_session(self, session: SynthesisSession, method: str, context, reader=None):
+    async def _run_session(
+        self, session: SynthesisSession, method: str, context, key: ApiKey | None, reader=None
+    ):
         """Stream a session's events to the client; always cleans up."""
-        code = "OK"
+        code = ErrorCode.OK
+        handler = asyncio.current_task()
+
+        def interrupt() -> None:
+            # The session failed (a limit, a bad message, the drain) while this handler may be
+            # blocked handing a response to a client that stopped reading: such a client would
+            # never let it reach the error. A reading client takes the response within the
+            # grace, and the handler then ends the call with the session's status itself.
+            offered = session.event_offered_at
+            if offered is None or handler is None:
+                return
+
+            def still_blocked() -> None:
+                if session.event_offered_at == offered and not handler.done():
+                    handler.cancel()
+
+            asyncio.get_running_loop().call_later(BLOCKED_WRITE_GRACE_S, still_blocked)
+
+        session.on_fail(interrupt)
         try:
-            async for event in session.events():
-                if isinstance(event, Summary):
-                    self.metrics.time_to_first_audio.observe(event.time_to_first_audio_ms / 1000)
-                    self.metrics.audio_seconds.inc(event.audio_seconds)
-                    self.metrics.generated_tokens.inc(event.generated_tokens)
-                yield self.to_proto(event)
+            async with contextlib.aclosing(session.events()) as events:
+                async for event in events:
+                    if isinstance(event, Summary):
+                        self.metrics.time_to_first_audio.observe(
+                            event.time_to_first_audio_ms / 1000
+                        )
+                        self.metrics.audio_seconds.inc(event.audio_seconds)
+                        self.metrics.generated_tokens.inc(event.generated_tokens)
+                    yield self.to_proto(event)
         except SessionError as err:
             code = err.code
-            await context.abort(getattr(grpc.StatusCode, err.code), str(err))
+            if reader is not None:  # it drains the client's messages once the session failed
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
+            await context.abort(GRPC_STATUS[err.code], str(err))
         except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
+            code = session.error.code if session.error is not None else ErrorCode.CANCELLED
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception as err:
-            code = "INTERNAL"
+        except Exception:
+            code = ErrorCode.INTERNAL
             logger.exception("session %s failed", session.id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             if reader is not None:
+                if not reader.done():  # let it drain the client's last messages first
+                    await asyncio.wait({reader}, timeout=ERROR_DRAIN_S)
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
             await session.close()
-            self.metrics.active_streams.dec()
-            self.metrics.requests.labels(method=method, code=code).inc()
+            self._release(key)
+            self._count(method, code, key)
 
-    async def _open(self, config: tts_pb2.SynthesisConfig) -> SynthesisSession:
+    def _count(self, method: str, code: ErrorCode, key: ApiKey | None) -> None:
+        self.metrics.requests.labels(method=method, code=code.value).inc()
+        if key is not None:
+            self.metrics.requests_by_key.labels(key=key.name, code=code.value).inc()
+
+    def _authenticate(self, context) -> ApiKey | None:
+        """The caller's key (None when the service is open); raises UNAUTHENTICATED."""
+        if not self.access.enabled:
+            return None
+        authorization = None
+        for entry in context.invocation_metadata() or ():
+            if entry.key == "authorization":
+                authorization = entry.value
+                break
+        key = self.access.authenticate(authorization)
+        if key is None:
+            raise SessionError(ErrorCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        return key
+
+    def _release(self, key: ApiKey | None) -> None:
+        self.metrics.active_streams.dec()
+        if key is not None:
+            self._streams_by_key[key.name] -= 1
+
+    async def _open(self, config: tts_pb2.SynthesisConfig, key: ApiKey | None) -> SynthesisSession:
+        if self.draining:
+            raise SessionError(
+                ErrorCode.UNAVAILABLE, "server: shutting down; retry on another instance"
+            )
+        limit = key.max_streams if key is not None else None
+        if limit is not None and self._streams_by_key[key.name] >= limit:
+            raise SessionError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"api key {key.name}: {limit} streams open, its max_streams; retry later",
+            )
         config = await self._with_voice_embedding(config)
         session = self.engine.open_session(self.session_config(config))
         self.metrics.active_streams.inc()
+        if key is not None:
+            self._streams_by_key[key.name] += 1
         return session
 
-    async def _abort(self, context, method: str, err: SessionError):
-        self.metrics.requests.labels(method=method, code=err.code).inc()
-        await context.abort(getattr(grpc.StatusCode, err.code), str(err))
+    async def _abort(self, context, method: str, err: SessionError, key: ApiKey | None = None):
+        self._count(method, err.code, key)
+        await context.abort(GRPC_STATUS[err.code], str(err))
 
     # ---- RPCs ----------------------------------------------------------------------------
     async def StreamingSynthesize(self, request_iterator, context):
         method = "StreamingSynthesize"
+        key = None
         requests = request_iterator.__aiter__()
         try:
-            first = await requests.__anext__()
-        except StopAsyncIteration:
-            await self._abort(
-                context,
-                method,
-                _invalid("config: the stream ended before its first message (a config)"),
-            )
-        kind = first.WhichOneof("request")
-        if kind != "config":
-            await self._abort(
-                context,
-                method,
-                _invalid(
+            key = self._authenticate(context)
+            try:
+                first = await requests.__anext__()
+            except StopAsyncIteration:
+                raise _invalid(
+                    "config: the stream ended before its first message (a config)"
+                ) from None
+            if isinstance(first, Undecodable):
+                raise _invalid(first.message)
+            kind = first.WhichOneof("request")
+            if kind != "config":
+                raise _invalid(
                     f"config: the first message must be a config, got {kind or 'an empty message'}"
-                ),
-            )
-        try:
-            session = await self._open(first.config)
+                )
+            session = await self._open(first.config, key)
         except SessionError as err:
-            await self._abort(context, method, err)
+            await _drain(requests)
+            await self._abort(context, method, err, key)
         reader = asyncio.get_running_loop().create_task(self._read(requests, session))
-        async for response in self._run_session(session, method, context, reader):
-            yield response
+        async with contextlib.aclosing(
+            self._run_session(session, method, context, key, reader)
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def _read(self, requests, session: SynthesisSession) -> None:
         """Feed the client's messages into the session; problems fail the session."""
         ended = False
         try:
             async for request in requests:
+                if isinstance(request, Undecodable):
+                    raise _invalid(request.message)
                 kind = request.WhichOneof("request")
                 if kind == "text":
                     session.push_text(request.text)
@@ -276,7 +481,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     ended = True
                 elif kind == "cancel":
                     session.cancel()
-                    return
+                    break
                 elif kind == "config":
                     raise _invalid("config: sent twice; only the first message may be a config")
                 else:
@@ -285,13 +490,21 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 session.end_input()  # half-close without end_of_input: finish what was sent
         except SessionError as err:
             session.fail(err)
+        # After a cancel or an error the client may still be sending: read and drop that
+        # until it half-closes (see ERROR_DRAIN_S; the handler stops this soon).
+        async for _ in requests:
+            pass
 
     async def Synthesize(self, request, context):
         method = "Synthesize"
+        key = None
         try:
-            session = await self._open(request.config)
+            key = self._authenticate(context)
+            if isinstance(request, Undecodable):
+                raise _invalid(request.message)
+            session = await self._open(request.config, key)
         except SessionError as err:
-            await self._abort(context, method, err)
+            await self._abort(context, method, err, key)
         try:
             if not request.text.strip():
                 raise _invalid("text: no text to synthesize")
@@ -299,8 +512,11 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             session.end_input()
         except SessionError as err:
             session.fail(err)
-        async for response in self._run_session(session, method, context):
-            yield response
+        async with contextlib.aclosing(
+            self._run_session(session, method, context, key)
+        ) as responses:
+            async for response in responses:
+                yield response
 
     # ---- voices ----------------------------------------------------------------------------
     async def _with_voice_embedding(
@@ -312,16 +528,18 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         if which not in ("voice_id", "reference_audio"):
             return config
         if self.voices is None:
-            raise SessionError("UNIMPLEMENTED", f"voice.{which}: this server stores no voices")
+            raise SessionError(
+                ErrorCode.UNIMPLEMENTED, f"voice.{which}: this server stores no voices"
+            )
         try:
             if which == "voice_id":
                 embedding = (await self.voices.get(config.voice.voice_id)).embedding
             else:
                 embedding = await self.voices.reference_embedding(config.voice.reference_audio)
         except VoiceNotFound as err:
-            raise SessionError("NOT_FOUND", f"voice.{err}") from None
+            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}") from None
         except EncoderUnavailable as err:
-            raise SessionError("UNAVAILABLE", f"voice.reference_audio: {err}") from None
+            raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
         except ValueError as err:  # BadAudio
             reason = str(err).removeprefix("audio: ")
             raise _invalid(f"voice.reference_audio: {reason}") from None
@@ -351,12 +569,15 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
 
     async def _voice_rpc(self, method: str, context, call):
         """Run one voice RPC, mapping each failure to its status and counting the outcome."""
-        code, message = grpc.StatusCode.OK, ""
+        code, message, key = grpc.StatusCode.OK, "", None
         try:
+            key = self._authenticate(context)
             if self.voices is None:
                 code, message = grpc.StatusCode.UNIMPLEMENTED, "this server stores no voices"
             else:
                 return await call()
+        except SessionError as err:  # UNAUTHENTICATED
+            code, message = GRPC_STATUS[err.code], str(err)
         except VoiceExists as err:
             code, message = grpc.StatusCode.ALREADY_EXISTS, str(err)
         except VoiceNotFound as err:
@@ -371,7 +592,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             logger.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {err}"
         finally:
-            self.metrics.requests.labels(method=method, code=code.name).inc()
+            self._count(method, ErrorCode(code.name), key)
         await context.abort(code, message)
 
     async def CreateVoice(self, request, context):
@@ -399,10 +620,14 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         return await self._voice_rpc("DeleteVoice", context, delete)
 
     async def ListVoices(self, request, context):
+        try:
+            key = self._authenticate(context)
+        except SessionError as err:
+            await self._abort(context, "ListVoices", err)
         voices = [self._preset_info(name) for name in self.engine.voices.names()]
         if self.voices is not None:
             voices += [self._voice_info(record) for record in await self.voices.list()]
-        self.metrics.requests.labels(method="ListVoices", code="OK").inc()
+        self._count("ListVoices", ErrorCode.OK, key)
         return tts_pb2.ListVoicesResponse(
             voices=voices,
             sample_rate_hz=self.engine.decoder.sample_rate,
