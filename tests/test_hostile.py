@@ -47,6 +47,7 @@ async def server():
         idle_timeout_s=IDLE_S,
         stall_timeout_s=STALL_S,
         max_stream_s=MAX_STREAM_S,
+        max_receive_message_bytes=4 * MB,  # the default (16 MiB, for reference audio) is larger
     )
     engine = await build_engine(options)
     srv = MioTTSServer(engine, options)
