@@ -187,7 +187,26 @@ def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> No
             request_deserializer=tolerant_deserializer(tts_pb2.ListVoicesRequest),
             response_serializer=tts_pb2.ListVoicesResponse.SerializeToString,
         ),
+        "CreateVoice": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateVoice,
+            request_deserializer=tolerant_deserializer(tts_pb2.CreateVoiceRequest),
+            response_serializer=tts_pb2.VoiceInfo.SerializeToString,
+        ),
+        "GetVoice": grpc.unary_unary_rpc_method_handler(
+            servicer.GetVoice,
+            request_deserializer=tolerant_deserializer(tts_pb2.GetVoiceRequest),
+            response_serializer=tts_pb2.VoiceInfo.SerializeToString,
+        ),
+        "DeleteVoice": grpc.unary_unary_rpc_method_handler(
+            servicer.DeleteVoice,
+            request_deserializer=tolerant_deserializer(tts_pb2.DeleteVoiceRequest),
+            response_serializer=tts_pb2.DeleteVoiceResponse.SerializeToString,
+        ),
     }
+    # Every RPC of the service must be here: a method left out would answer UNIMPLEMENTED.
+    declared = set(tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].methods_by_name)
+    missing = declared - set(handlers)
+    assert not missing, f"add_to_server: no handler for {sorted(missing)}"
     service = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
@@ -567,12 +586,14 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             notice = "not for commercial use (see NOTICE.md of the presets)"
         return tts_pb2.VoiceInfo(name=name, notice=notice, kind=tts_pb2.VOICE_KIND_PRESET)
 
-    async def _voice_rpc(self, method: str, context, call):
+    async def _voice_rpc(self, method: str, request, context, call):
         """Run one voice RPC, mapping each failure to its status and counting the outcome."""
         code, message, key = grpc.StatusCode.OK, "", None
         try:
             key = self._authenticate(context)
-            if self.voices is None:
+            if isinstance(request, Undecodable):
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, request.message
+            elif self.voices is None:
                 code, message = grpc.StatusCode.UNIMPLEMENTED, "this server stores no voices"
             else:
                 return await call()
@@ -588,9 +609,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             code, message = grpc.StatusCode.UNAVAILABLE, str(err)
         except ValueError as err:  # a bad id, name or language, or unusable audio (BadAudio)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
-        except Exception as err:
+        except Exception:
             logger.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {err}"
+            code, message = grpc.StatusCode.INTERNAL, "internal error"
         finally:
             self._count(method, ErrorCode(code.name), key)
         await context.abort(code, message)
@@ -602,7 +623,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             )
             return self._voice_info(record)
 
-        return await self._voice_rpc("CreateVoice", context, create)
+        return await self._voice_rpc("CreateVoice", request, context, create)
 
     async def GetVoice(self, request, context):
         async def get():
@@ -610,14 +631,14 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 return self._preset_info(request.voice_id)
             return self._voice_info(await self.voices.get(request.voice_id))
 
-        return await self._voice_rpc("GetVoice", context, get)
+        return await self._voice_rpc("GetVoice", request, context, get)
 
     async def DeleteVoice(self, request, context):
         async def delete():
             await self.voices.delete(request.voice_id)
             return tts_pb2.DeleteVoiceResponse()
 
-        return await self._voice_rpc("DeleteVoice", context, delete)
+        return await self._voice_rpc("DeleteVoice", request, context, delete)
 
     async def ListVoices(self, request, context):
         try:
