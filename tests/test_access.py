@@ -97,10 +97,13 @@ def pki(tmp_path_factory) -> dict:
 
 
 def _options(**kwargs) -> ServerOptions:
+    import tempfile
+
     from miotts_stream.demo_model import ensure_demo_model
 
     return ServerOptions(
         model=str(ensure_demo_model("tiny")),
+        data_dir=tempfile.mkdtemp(prefix="miotts-voices-"),  # not the developer's .data/
         codec=str(TINY_CODECS["24khz"]),
         device="cpu",
         host="127.0.0.1",

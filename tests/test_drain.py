@@ -54,6 +54,7 @@ async def test_signal_drains_then_exits_zero(sig, tmp_path):
         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-metrics",
         "--max-model-len", "512", "--kv-cache-gib", "0.5", "--enforce-eager",
         "--drain-timeout-s", str(DRAIN_S), "--idle-timeout-s", "60",
+        "--data-dir", str(tmp_path / "voices"),
     ]  # fmt: skip
     log = (tmp_path / "server.log").open("w")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -29,11 +29,12 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def server():
+async def server(tmp_path_factory):
     from miotts_stream.demo_model import ensure_demo_model
 
     options = ServerOptions(
         model=str(ensure_demo_model("tiny")),
+        data_dir=str(tmp_path_factory.mktemp("voices")),  # not the developer's .data/
         codec=str(TINY_CODECS["24khz"]),
         device="cpu",
         host="127.0.0.1",
