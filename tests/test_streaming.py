@@ -135,9 +135,13 @@ def test_clock_forces_a_chunk_out_before_its_lookahead(full_decoder, utterance):
     assert stream.push(tokens[6:40]) == []  # 160 ms buffered: wait for 32 tokens of lookahead
     played["seconds"] = 0.12  # 40 ms left at the client: below the 150 ms margin
     forced = stream.push([])
-    # Out goes one first-chunk's worth (4 tokens), keeping 32 tokens of right context.
-    assert len(forced) == 1 and stream.emitted_tokens == 8
-    assert forced[0].numel() == 4 * full_decoder.samples_per_token
+    # The 36 tokens there are split: half go out as the chunk, half stay as its right context
+    # (a chunk of 4 tokens would leave the client short again after the next decode).
+    assert len(forced) == 1 and stream.emitted_tokens == 4 + 18
+    assert forced[0].numel() == 18 * full_decoder.samples_per_token
+    played["seconds"] = 0.12 + 18 / 25  # short again; 18 tokens there: 9 go out
+    forced = stream.push([])
+    assert len(forced) == 1 and stream.emitted_tokens == 4 + 18 + 9
 
 
 def test_batched_streams_equal_streams_decoded_alone(full_decoder):

@@ -368,13 +368,26 @@ class TokenStreamDecoder:
             if first or not self._deadline_near():
                 return None
             # The client is about to run dry: go out now, splitting the tokens we have between
-            # the chunk and its right context (at least a first-chunk's worth of audio, so
-            # that the next deadline is not immediate).
+            # the chunk and its right context: at most half of them as context, so that the
+            # chunk carries enough audio to cover the next window's decode (a string of tiny
+            # chunks, each decoded with its full left context, costs more than real time).
             surplus = available - start
-            chunk = min(chunk, max(surplus - opts.lookahead_tokens, opts.first_chunk_tokens))
+            context = min(opts.lookahead_tokens, surplus // 2)
+            chunk = min(chunk, max(surplus - context, opts.first_chunk_tokens))
             chunk_end = start + min(chunk, surplus)
-        # Right context: whatever is there, up to the cap (more context, closer to offline).
-        stop = min(available, chunk_end + opts.lookahead_cap)
+        # Right context: what is there, up to a reach that grows with the chunk. More context
+        # brings a chunk closer to offline; tying the extra to the chunk's growth keeps the
+        # decode cost per second of audio near the fixed window's (a 20-token chunk with 128
+        # tokens of context would cost 10x its audio). A first chunk takes all it can get: it
+        # has the fewest frames for its statistics, and there is one per utterance.
+        reach = opts.lookahead_cap
+        if not first:
+            grown_by = max(0, chunk_end - start - opts.chunk_tokens)
+            extra = opts.lookahead_cap - opts.lookahead_tokens
+            reach = opts.lookahead_tokens + extra * grown_by // max(
+                1, opts.chunk_cap - opts.chunk_tokens
+            )
+        stop = min(available, chunk_end + reach)
         if self.slot is None:
             self.slot = self.decoder.stream_slots.acquire()
         return DecodeWindow(
