@@ -357,11 +357,18 @@ class TokenStreamDecoder:
         chunk = opts.first_chunk_tokens if first else opts.chunk_tokens
         wanted_lookahead = opts.first_lookahead_tokens if first else opts.lookahead_tokens
         # Tokens already there beyond what this chunk waits for (an LLM running ahead of real
-        # time, or the end of the utterance): a longer chunk after the first, as long as the
-        # largest right context (or the end) stays within reach. Never waits for them.
-        grown = start + opts.chunk_cap
-        grown = min(grown, available if self.finished else available - opts.lookahead_cap)
-        chunk_end = start + chunk if first else max(start + chunk, grown)
+        # time, or the end of the utterance) make a longer chunk after the first. What is there
+        # is split between the chunk and its right context in the caps' proportion (80 : 128),
+        # so extra context always comes with a longer chunk: the decode cost per second of
+        # audio stays below the fixed window's. Never waits for them.
+        if first:
+            chunk_end = start + chunk
+        else:
+            surplus = available - start
+            grow_to = opts.chunk_cap
+            if not self.finished:
+                grow_to = surplus * opts.chunk_cap // (opts.chunk_cap + opts.lookahead_cap)
+            chunk_end = start + max(chunk, min(opts.chunk_cap, grow_to))
         if self.finished:
             chunk_end = min(chunk_end, available)
         elif available < chunk_end + wanted_lookahead:
@@ -375,19 +382,8 @@ class TokenStreamDecoder:
             context = min(opts.lookahead_tokens, surplus // 2)
             chunk = min(chunk, max(surplus - context, opts.first_chunk_tokens))
             chunk_end = start + min(chunk, surplus)
-        # Right context: what is there, up to a reach that grows with the chunk. More context
-        # brings a chunk closer to offline; tying the extra to the chunk's growth keeps the
-        # decode cost per second of audio near the fixed window's (a 20-token chunk with 128
-        # tokens of context would cost 10x its audio). A first chunk takes all it can get: it
-        # has the fewest frames for its statistics, and there is one per utterance.
-        reach = opts.lookahead_cap
-        if not first:
-            grown_by = max(0, chunk_end - start - opts.chunk_tokens)
-            extra = opts.lookahead_cap - opts.lookahead_tokens
-            reach = opts.lookahead_tokens + extra * grown_by // max(
-                1, opts.chunk_cap - opts.chunk_tokens
-            )
-        stop = min(available, chunk_end + reach)
+        # Right context: whatever is there, up to the cap (more context, closer to offline).
+        stop = min(available, chunk_end + opts.lookahead_cap)
         if self.slot is None:
             self.slot = self.decoder.stream_slots.acquire()
         return DecodeWindow(

@@ -23,7 +23,15 @@ class LLMError(Exception):
 
 
 class LLMUnavailableError(LLMError):
-    """The LLM could not be reached or did not answer in time, before any token came."""
+    """The LLM could not be reached or did not answer in time, before any token came.
+
+    `client_message`, when set, says why in words fit for a client (no addresses, no engine
+    internals); otherwise transports use a generic message.
+    """
+
+    def __init__(self, message: str, client_message: str | None = None) -> None:
+        super().__init__(message)
+        self.client_message = client_message
 
 
 class LLMRequestError(LLMError):

@@ -358,7 +358,8 @@ class VLLMTokenSource:
     @property
     def engine(self) -> AsyncLLM:
         if self._engine is None:
-            raise LLMUnavailableError(self._unavailable_reason())
+            reason = self._unavailable_reason()
+            raise LLMUnavailableError(reason, client_message=reason)
         return self._engine
 
     def _unavailable_reason(self) -> str:
@@ -495,10 +496,12 @@ class VLLMTokenSource:
         language: str = "auto",
     ) -> VLLMTokenStream:
         if self._engine is None:
-            raise LLMUnavailableError(self._unavailable_reason())
+            reason = self._unavailable_reason()
+            raise LLMUnavailableError(reason, client_message=reason)
         if self._engine.errored:
             self._death_seen.set()
-            raise LLMUnavailableError(ENGINE_RESTARTING if self._can_restart else ENGINE_DEAD)
+            reason = ENGINE_RESTARTING if self._can_restart else ENGINE_DEAD
+            raise LLMUnavailableError(reason, client_message=reason)
         self._watch_soon()
         try:
             options.validate()
@@ -581,7 +584,8 @@ class VLLMTokenStream(TokenStream):
             logger.error("request %s: the vLLM engine died under it", self.request_id)
             self._source._death_seen.set()
             restarting = self._source._can_restart
-            raise LLMUnavailableError(ENGINE_RESTARTING if restarting else ENGINE_DEAD) from err
+            reason = ENGINE_RESTARTING if restarting else ENGINE_DEAD
+            raise LLMUnavailableError(reason, client_message=reason) from err
         except GracefulHTTPError as err:  # admission control: the engine is full
             raise LLMUnavailableError(f"vLLM refused the request: {err}") from err
         except (VLLMClientError, ValueError) as err:

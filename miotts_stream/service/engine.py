@@ -419,7 +419,8 @@ class SynthesisSession:
                 engine.scheduler.wake(segment.scheduled)
         except LLMUnavailableError as err:
             logger.warning("session %s: speech LLM unavailable: %s", self.id, err)
-            self.fail(SessionError(ErrorCode.UNAVAILABLE, "speech LLM unavailable; retry later"))
+            message = err.client_message or "speech LLM unavailable; retry later"
+            self.fail(SessionError(ErrorCode.UNAVAILABLE, message))
         except LLMRequestError as err:
             self.fail(
                 SessionError(ErrorCode.INVALID_ARGUMENT, f"speech LLM rejected the request: {err}")
