@@ -287,6 +287,16 @@ class TokenSource(Protocol):
     async def close(self) -> None: ...
 
 
+def prepare_request(text: str, options: SamplingOptions, language: str) -> str:
+    """What every source checks first: the sampling options (a request error when out of
+    range) and the normalized text (`prepare_text`)."""
+    try:
+        options.validate()
+    except ValueError as err:
+        raise LLMRequestError(str(err)) from err
+    return prepare_text(text, language)
+
+
 def prepare_text(text: str, language: str) -> str:
     """Normalized text for the prompt; an empty result is a request error, not a silent no-op."""
     try:

@@ -23,7 +23,7 @@ from .base import (
     SamplingOptions,
     TokenStream,
     chat_messages,
-    prepare_text,
+    prepare_request,
     unique_request_id,
 )
 from .speech_tokens import SpeechTextParser
@@ -205,11 +205,7 @@ class OpenAITokenSource:
         request_id: str | None = None,
         language: str = "auto",
     ) -> OpenAITokenStream:
-        try:
-            options.validate()
-        except ValueError as err:
-            raise LLMRequestError(str(err)) from err
-        normalized = prepare_text(text, language)
+        normalized = prepare_request(text, options, language)
         max_tokens = self.guard.budget(normalized, options.max_tokens)
         return OpenAITokenStream(
             self, unique_request_id(request_id), normalized, options, max_tokens

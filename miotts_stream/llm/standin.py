@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 from .base import (
     NUM_SPEECH_CODES,
-    LLMRequestError,
     SamplingOptions,
     TokenStream,
-    prepare_text,
+    prepare_request,
     unique_request_id,
 )
 
@@ -76,11 +75,7 @@ class StandInTokenSource:
         request_id: str | None = None,
         language: str = "auto",
     ) -> StandInTokenStream:
-        try:
-            options.validate()
-        except ValueError as err:
-            raise LLMRequestError(str(err)) from err
-        normalized = prepare_text(text, language)
+        normalized = prepare_request(text, options, language)
         count, reason = self.pacing.length(normalized, options.max_tokens)
         if options.seed is None:
             self._seed_counter += 1

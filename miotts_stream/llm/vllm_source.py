@@ -26,7 +26,7 @@ from .base import (
     SamplingOptions,
     TokenStream,
     chat_messages,
-    prepare_text,
+    prepare_request,
     unique_request_id,
 )
 from .speech_tokens import SpeechVocabulary
@@ -503,11 +503,7 @@ class VLLMTokenSource:
             reason = ENGINE_RESTARTING if self._can_restart else ENGINE_DEAD
             raise LLMUnavailableError(reason, client_message=reason)
         self._watch_soon()
-        try:
-            options.validate()
-        except ValueError as err:
-            raise LLMRequestError(str(err)) from err
-        normalized = prepare_text(text, language)
+        normalized = prepare_request(text, options, language)
         prompt = self.prompt_token_ids(normalized)
         room = self.max_model_len - len(prompt)
         if room < 1:
