@@ -243,10 +243,16 @@ async def test_a_killed_engine_shows_in_health_and_recovers(
     call = stub.Synthesize(
         tts_pb2.SynthesizeRequest(config=synth_config(max_tokens=600), text=SENTENCE * 4)
     )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
+
+    async def read_and_kill() -> None:
         async for response in call:
             if response.WhichOneof("response") == "audio" and core.is_running():
                 os.kill(core.pid, signal.SIGKILL)
+
+    # Every wait is bounded: a step that never ends fails here, naming itself, instead of
+    # hanging until pytest's timeout.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(read_and_kill(), 120)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     details = caught.value.details()
     assert ENGINE_RESTARTING in details
@@ -255,7 +261,7 @@ async def test_a_killed_engine_shows_in_health_and_recovers(
     # Health says so at once (within the watcher's look, 0.1 s), while the engine restarts.
     assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await synthesize(channel, "Too early.")
+        await asyncio.wait_for(synthesize(channel, "Too early."), 60)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert not server.engine.sessions
 

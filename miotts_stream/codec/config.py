@@ -393,3 +393,12 @@ def load_config(path: str | Path) -> CodecConfig:
     except yaml.YAMLError as err:
         raise ValueError(f"config: {path} is not valid YAML: {err}") from err
     return parse_config(raw)
+
+
+def as_codec_config(config: str | Path | dict | CodecConfig) -> CodecConfig:
+    """A validated config from a `config.yaml` path, its parsed dict, or a config itself."""
+    if isinstance(config, CodecConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    return load_config(config)

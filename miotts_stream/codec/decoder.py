@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_decoder_model, resolve_checkpoint
-from .config import CodecConfig, load_config, parse_config
+from .config import CodecConfig, as_codec_config
 from .layers import GroupStats, Transformer
 from .model import MioCodecDecoderModel
 from .voices import check_embedding
@@ -165,12 +165,7 @@ class MioCodecDecoder:
         seed: int = 0,
     ) -> MioCodecDecoder:
         """The real architecture with seeded random weights (demos, tests, benchmarks)."""
-        if isinstance(config, CodecConfig):
-            cfg = config
-        elif isinstance(config, dict):
-            cfg = parse_config(config)
-        else:
-            cfg = load_config(config)
+        cfg = as_codec_config(config)
         model = MioCodecDecoderModel(cfg)
         init_random_weights(model, seed)
         origin = config if isinstance(config, (str, Path)) else "a config"

@@ -27,7 +27,7 @@ from .checkpoint import (
     check_tensor_set,
     resolve_checkpoint,
 )
-from .config import CodecConfig, GlobalEncoderConfig, load_config, parse_config
+from .config import CodecConfig, GlobalEncoderConfig, as_codec_config, load_config
 from .decoder import default_device, init_random_weights
 from .ssl import RANDOM_SSL_MODEL, SincResampler, SSLFeatures, average_layers
 
@@ -213,12 +213,7 @@ class MioCodecEncoder:
         seed: int = 0,
     ) -> MioCodecEncoder:
         """The real architecture with a seeded random global encoder (demos, tests, benches)."""
-        if isinstance(config, CodecConfig):
-            cfg = config
-        elif isinstance(config, dict):
-            cfg = parse_config(config)
-        else:
-            cfg = load_config(config)
+        cfg = as_codec_config(config)
         module = GlobalEncoder(cfg.global_encoder)
         init_random_weights(module, seed)
         ssl = SSLFeatures.load(ssl_model, max(cfg.global_ssl_layers))

@@ -168,48 +168,36 @@ def tolerant_deserializer(message_type):
     return deserialize
 
 
+# grpcio's handler factory for each (client streaming, server streaming) kind of method.
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> None:
     """Register the service like the generated `add_TextToSpeechServicer_to_server`, with
-    deserializers that report bad requests to the servicer instead of failing inside grpcio."""
-    handlers = {
-        "StreamingSynthesize": grpc.stream_stream_rpc_method_handler(
-            servicer.StreamingSynthesize,
-            request_deserializer=tolerant_deserializer(tts_pb2.StreamingSynthesizeRequest),
-            response_serializer=tts_pb2.StreamingSynthesizeResponse.SerializeToString,
-        ),
-        "Synthesize": grpc.unary_stream_rpc_method_handler(
-            servicer.Synthesize,
-            request_deserializer=tolerant_deserializer(tts_pb2.SynthesizeRequest),
-            response_serializer=tts_pb2.StreamingSynthesizeResponse.SerializeToString,
-        ),
-        "ListVoices": grpc.unary_unary_rpc_method_handler(
-            servicer.ListVoices,
-            request_deserializer=tolerant_deserializer(tts_pb2.ListVoicesRequest),
-            response_serializer=tts_pb2.ListVoicesResponse.SerializeToString,
-        ),
-        "CreateVoice": grpc.unary_unary_rpc_method_handler(
-            servicer.CreateVoice,
-            request_deserializer=tolerant_deserializer(tts_pb2.CreateVoiceRequest),
-            response_serializer=tts_pb2.VoiceInfo.SerializeToString,
-        ),
-        "GetVoice": grpc.unary_unary_rpc_method_handler(
-            servicer.GetVoice,
-            request_deserializer=tolerant_deserializer(tts_pb2.GetVoiceRequest),
-            response_serializer=tts_pb2.VoiceInfo.SerializeToString,
-        ),
-        "DeleteVoice": grpc.unary_unary_rpc_method_handler(
-            servicer.DeleteVoice,
-            request_deserializer=tolerant_deserializer(tts_pb2.DeleteVoiceRequest),
-            response_serializer=tts_pb2.DeleteVoiceResponse.SerializeToString,
-        ),
-    }
-    # Every RPC of the service must be here: a method left out would answer UNIMPLEMENTED.
-    declared = set(tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].methods_by_name)
-    missing = declared - set(handlers)
-    assert not missing, f"add_to_server: no handler for {sorted(missing)}"
-    service = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    deserializers that report bad requests to the servicer instead of failing inside grpcio.
+
+    The handlers are made from the service's descriptor, so every RPC in the proto is served.
+    """
+    service = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"]
+    handlers = {}
+    for method in service.methods:
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        request_type = getattr(tts_pb2, method.input_type.name)
+        response_type = getattr(tts_pb2, method.output_type.name)
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
