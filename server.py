@@ -17,6 +17,8 @@ from miotts_stream.demo_model import ARCHITECTURES
 from miotts_stream.llm import parse_engine_arg
 from miotts_stream.service.server import ENGINE_DEATH_EXIT_CODE, ServerOptions, run_server
 
+DEFAULT_HTTP_PORT = 8080
+
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
     d = ServerOptions()
@@ -172,6 +174,13 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     )
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        help="HTTP port: OpenAI /v1/audio/speech, the /v1/stream WebSocket and the demo page\n"
+        f"at /, same engine, keys and limits as gRPC; 0 disables (default {DEFAULT_HTTP_PORT})",
+    )
+    p.add_argument(
         "--max-text-chars",
         type=int,
         default=d.max_text_chars,
@@ -268,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     values = {k: v for k, v in vars(args).items() if k not in ("no_metrics", "log_level")}
     if args.no_metrics:
         values["metrics_port"] = None
+    if args.http_port == 0:
+        values["http_port"] = None
     values["engine_args"] = dict(args.engine_args)
     return ServerOptions(**values)
 

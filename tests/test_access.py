@@ -281,7 +281,7 @@ async def test_a_keys_max_streams_is_its_own_limit(servers):
         first = stub.StreamingSynthesize(held(), metadata=team_a)
         reader = asyncio.ensure_future(first.code())
         for _ in range(200):
-            if server.servicer._streams_by_key["team-a"] == 1:
+            if server.admission.streams_by_key["team-a"] == 1:
                 break
             await asyncio.sleep(0.01)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -293,7 +293,7 @@ async def test_a_keys_max_streams_is_its_own_limit(servers):
         release.set()
         assert await reader == grpc.StatusCode.OK
         for _ in range(200):
-            if server.servicer._streams_by_key["team-a"] == 0:
+            if server.admission.streams_by_key["team-a"] == 0:
                 break
             await asyncio.sleep(0.01)
         await _synthesize(channel, team_a)

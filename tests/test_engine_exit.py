@@ -39,6 +39,8 @@ def test_exit_on_engine_death(tmp_path: Path) -> None:
         "--port",
         "0",
         "--no-metrics",
+        "--http-port",
+        "0",
         "--max-model-len",
         "512",
         "--kv-cache-gib",

@@ -124,6 +124,8 @@ async def main_async(args) -> None:
         "--port",
         str(port),
         "--no-metrics",
+        "--http-port",
+        "0",
         "--max-streams",
         str(max(args.streams) + 2),
     ]

@@ -228,6 +228,8 @@ def start_processes(
         str(port),
         "--metrics-port",
         str(metrics_port),
+        # No HTTP port (a checkout from before HTTP existed does not know the flag).
+        *(["--http-port", "0"] if (root / "miotts_stream/service/http").is_dir() else []),
         "--max-streams",
         str(max_streams),
         *(["--codec", codec] if codec != "random-24khz" else []),  # the default either way

@@ -111,6 +111,8 @@ async def service_part(args) -> None:
             "--port",
             str(port),
             "--no-metrics",
+            "--http-port",
+            "0",
             "--data-dir",
             data_dir,
             "--max-streams",

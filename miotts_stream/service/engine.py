@@ -308,6 +308,12 @@ class SynthesisSession:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def segment_count(self) -> int:
+        """Segments made so far: after `flush()`, every text sent is in one of them (a
+        transport acknowledges a flush once this many segments have finished)."""
+        return len(self._segment_list)
+
     def _add_segment(self, text: str) -> None:
         segment = _Segment(len(self._segment_list), text, time.perf_counter())
         self._segment_list.append(segment)

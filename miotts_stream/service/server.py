@@ -39,7 +39,9 @@ from miotts_stream.voices import SQLiteVoiceStore
 from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
 from .access import AccessPolicy
+from .admission import Admission
 from .engine import ErrorCode, SessionError, SessionLimits, SpeechEngine
+from .http import HttpOptions, HttpTransport
 from .metrics import ServiceMetrics
 from .pb.miotts.v1 import tts_pb2
 from .servicer import TextToSpeechServicer, add_to_server
@@ -79,6 +81,9 @@ class ServerOptions:
     kv_cache_gib: float | None = None  # None: 1 GiB on CPU; on GPU, from the memory share
     enforce_eager: bool = False
     metrics_port: int | None = 9400
+    # HTTP and WebSocket (OpenAI speech API, /v1/stream, the demo page); None: off, 0: any free
+    # port. server.py's --http-port defaults to 8080 (and takes 0 for off).
+    http_port: int | None = None
     max_text_chars: int = 10000
     max_batch: int = 32
     codec_dtype: str = "auto"  # auto: bfloat16 on CUDA (as upstream), float32 on CPU
@@ -242,6 +247,8 @@ class MioTTSServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http: HttpTransport | None = None
+        self.http_port: int | None = None
         self._lag_watch: asyncio.Task | None = None
         # Set when the engine died for good (restarts off: --exit-on-engine-death).
         self.engine_died = asyncio.Event()
@@ -253,9 +260,10 @@ class MioTTSServer:
             partial(make_encoder, options.codec, options.ssl_model, options.device),
             AudioLimits(options.reference_min_seconds, options.reference_max_seconds),
         )
-        self.servicer = TextToSpeechServicer(
+        self.admission = Admission(
             engine, self.metrics, options.default_voice, self.voices, self.access
         )
+        self.servicer = TextToSpeechServicer(self.admission)
         self._drain_cut = asyncio.Event()  # a second signal: stop waiting for open streams
 
     def cut_drain(self) -> None:
@@ -282,6 +290,15 @@ class MioTTSServer:
             add_state_listener(self._on_engine_state)
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+        if self.options.http_port is not None:
+            self.http = HttpTransport(
+                self.admission,
+                HttpOptions(
+                    heartbeat_s=self.options.keepalive_time_s,
+                    max_request_bytes=self.options.max_receive_message_bytes,
+                ),
+            )
+            self.http_port = await self.http.start(self.options.host, self.options.http_port)
         self.metrics.watch_decoder(self.engine.scheduler)
         self._lag_watch = asyncio.get_running_loop().create_task(
             self.metrics.watch_event_loop(), name="event-loop-lag"
@@ -290,13 +307,14 @@ class MioTTSServer:
         if self.credentials is not None:
             security = "TLS, client certificates required" if self.options.tls_client_ca else "TLS"
         logger.info(
-            "serving %s on %s:%d (%s; %s; metrics on %s)",
+            "serving %s on %s:%d (%s; %s; metrics on %s; HTTP on %s)",
             SERVICE_NAME,
             self.options.host,
             self.port,
             security,
             f"{len(self.access.keys)} API keys" if self.access.enabled else "no API keys",
             self.metrics_port,
+            self.http_port,
         )
         if self.credentials is None and not is_loopback(self.options.host):
             logger.warning(
@@ -308,7 +326,7 @@ class MioTTSServer:
 
     def _on_engine_state(self, state: EngineState) -> None:
         """The engine's state as gRPC health: SERVING only while the engine serves."""
-        if self.servicer.draining:
+        if self.admission.draining:
             return  # shutting down: NOT_SERVING stays
         serving = state is EngineState.SERVING
         if serving:
@@ -332,7 +350,7 @@ class MioTTSServer:
         """Stop taking streams (health NOT_SERVING, new streams UNAVAILABLE) and give the
         open ones up to `timeout_s` (default --drain-timeout-s) to finish."""
         timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
-        self.servicer.draining = True
+        self.admission.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + timeout_s
@@ -365,6 +383,8 @@ class MioTTSServer:
         """Drain for up to `grace` seconds, then cancel what is left and close everything."""
         await self.drain(grace)
         await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
+        if self.http is not None:
+            await self.http.stop()
         if self._lag_watch is not None:
             self._lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

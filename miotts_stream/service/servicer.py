@@ -9,57 +9,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from miotts_stream.audio.encoders import Encoding, output_rate
-from miotts_stream.codec.streaming import StreamingOptions
-from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
-from miotts_stream.llm import SamplingOptions
-from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord
-from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
-
-from .access import UNAUTHENTICATED_MESSAGE, AccessPolicy, ApiKey
+from .access import ApiKey
+from .admission import (
+    PROTO_ENCODINGS,
+    Admission,
+    invalid,
+    stop_blocked_writer,
+    voice_error_code,
+)
 from .engine import (
-    LANGUAGES,
     AudioOut,
     ErrorCode,
     Event,
     SegmentFinished,
     SegmentStarted,
-    SessionConfig,
     SessionError,
-    SpeechEngine,
     Summary,
     SynthesisSession,
 )
-from .metrics import ServiceMetrics
 from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-_PROTO_ENCODINGS = {
-    tts_pb2.ENCODING_UNSPECIFIED: Encoding.PCM_S16LE,
-    tts_pb2.PCM_S16LE: Encoding.PCM_S16LE,
-    tts_pb2.PCM_F32LE: Encoding.PCM_F32LE,
-    tts_pb2.OPUS: Encoding.OPUS,
-    tts_pb2.OGG_OPUS: Encoding.OGG_OPUS,
-    tts_pb2.MULAW: Encoding.MULAW,
-    tts_pb2.ALAW: Encoding.ALAW,
-}
-_ENCODING_TO_PROTO = {
-    v: k for k, v in _PROTO_ENCODINGS.items() if k != tts_pb2.ENCODING_UNSPECIFIED
-}
-
-
-# Upper bound of each window field: windows of all streams share one padded forward, so one
-# client's huge windows would slow every other stream down.
-MAX_WINDOW_FIELD_TOKENS = 250
+_ENCODING_TO_PROTO = {v: k for k, v in PROTO_ENCODINGS.items() if k != tts_pb2.ENCODING_UNSPECIFIED}
 
 
 GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
@@ -71,10 +49,6 @@ GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
 ERROR_DRAIN_S = 0.25
 
 
-# How long a failed session's handler may stay blocked on one response before it is stopped.
-BLOCKED_WRITE_GRACE_S = 1.0
-
-
 async def _drain(requests) -> None:
     async def consume() -> None:
         async for _ in requests:
@@ -82,10 +56,6 @@ async def _drain(requests) -> None:
 
     with contextlib.suppress(Exception):  # includes TimeoutError
         await asyncio.wait_for(consume(), ERROR_DRAIN_S)
-
-
-def _invalid(message: str) -> SessionError:
-    return SessionError(ErrorCode.INVALID_ARGUMENT, message)
 
 
 # ---- requests that do not parse -----------------------------------------------------------
@@ -201,98 +171,12 @@ def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> No
 
 
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
-    def __init__(
-        self,
-        engine: SpeechEngine,
-        metrics: ServiceMetrics,
-        default_voice: str,
-        voices: VoiceRegistry | None = None,
-        access: AccessPolicy | None = None,
-    ):
-        self.engine = engine
-        self.metrics = metrics
-        self.default_voice = default_voice
-        self.voices = voices  # stored voices and cloning; None: presets and embeddings only
-        self.access = access or AccessPolicy()
-        self.draining = False  # set on shutdown: new streams are refused, open ones finish
-        self._streams_by_key: Counter[str] = Counter()
+    """The gRPC face of `Admission` and the engine: what is the same for every transport
+    (keys, limits, configs, voices, metrics) is done there."""
 
-    # ---- config --------------------------------------------------------------------------
-    def session_config(self, config: tts_pb2.SynthesisConfig) -> SessionConfig:
-        engine = self.engine
-        which = config.voice.WhichOneof("voice")
-        if which == "embedding":
-            try:
-                voice = engine.decoder.validate_embedding(
-                    list(config.voice.embedding.values), "voice.embedding.values"
-                )
-            except ValueError as err:
-                raise _invalid(str(err)) from None
-        else:
-            name = config.voice.preset if which == "preset" else self.default_voice
-            if name not in engine.voices:
-                known = ", ".join(engine.voices.names())
-                raise SessionError(
-                    ErrorCode.NOT_FOUND, f"voice.preset: unknown preset {name!r} (known: {known})"
-                )
-            voice = engine.voices.get(name)
-
-        if config.audio.encoding not in _PROTO_ENCODINGS:
-            raise _invalid(f"audio.encoding: unknown encoding {config.audio.encoding}")
-        encoding = _PROTO_ENCODINGS[config.audio.encoding]
-        if config.audio.sample_rate_hz < 0:
-            raise _invalid("audio.sample_rate_hz: must be 0 (codec rate) or a positive rate")
-        try:
-            output_rate(encoding, config.audio.sample_rate_hz, engine.decoder.sample_rate)
-        except ValueError as err:
-            raise _invalid(str(err)) from None
-
-        gen = config.generation
-        defaults = SamplingOptions()
-        sampling = SamplingOptions(
-            temperature=gen.temperature if gen.HasField("temperature") else defaults.temperature,
-            top_p=gen.top_p if gen.HasField("top_p") else defaults.top_p,
-            repetition_penalty=(
-                gen.repetition_penalty
-                if gen.HasField("repetition_penalty")
-                else defaults.repetition_penalty
-            ),
-            max_tokens=gen.max_tokens if gen.HasField("max_tokens") else defaults.max_tokens,
-            seed=gen.seed if gen.HasField("seed") else None,
-        )
-        try:
-            sampling.validate()
-        except ValueError as err:
-            raise _invalid(f"generation.{err}") from None
-
-        base = StreamingOptions()
-        fields = {}
-        for name in (
-            "first_chunk_tokens",
-            "chunk_tokens",
-            "lookahead_tokens",
-            "left_context_tokens",
-        ):
-            value = getattr(config.streaming, name)
-            if not 0 <= value <= MAX_WINDOW_FIELD_TOKENS:
-                raise _invalid(
-                    f"streaming.{name}: must be between 0 (the default) and "
-                    f"{MAX_WINDOW_FIELD_TOKENS} tokens, got {value}"
-                )
-            fields[name] = value or getattr(base, name)
-        if fields["lookahead_tokens"] < base.first_lookahead_tokens:
-            fields["first_lookahead_tokens"] = fields["lookahead_tokens"]
-        try:
-            streaming = StreamingOptions(**fields).validated()
-        except ValueError as err:
-            raise _invalid(str(err).replace("streaming options: ", "streaming.")) from None
-
-        language = config.language or "auto"
-        if language not in LANGUAGES:
-            raise _invalid(f"language: {language!r} is not one of {', '.join(LANGUAGES)}")
-        return SessionConfig(
-            voice, encoding, config.audio.sample_rate_hz, sampling, streaming, language
-        )
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.engine = admission.engine
 
     # ---- events --------------------------------------------------------------------------
     @staticmethod
@@ -340,33 +224,12 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     ):
         """Stream a session's events to the client; always cleans up."""
         code = ErrorCode.OK
-        handler = asyncio.current_task()
-
-        def interrupt() -> None:
-            # The session failed (a limit, a bad message, the drain) while this handler may be
-            # blocked handing a response to a client that stopped reading: such a client would
-            # never let it reach the error. A reading client takes the response within the
-            # grace, and the handler then ends the call with the session's status itself.
-            offered = session.event_offered_at
-            if offered is None or handler is None:
-                return
-
-            def still_blocked() -> None:
-                if session.event_offered_at == offered and not handler.done():
-                    handler.cancel()
-
-            asyncio.get_running_loop().call_later(BLOCKED_WRITE_GRACE_S, still_blocked)
-
-        session.on_fail(interrupt)
+        stop_blocked_writer(session, asyncio.current_task())
         try:
             async with contextlib.aclosing(session.events()) as events:
                 async for event in events:
                     if isinstance(event, Summary):
-                        self.metrics.time_to_first_audio.observe(
-                            event.time_to_first_audio_ms / 1000
-                        )
-                        self.metrics.audio_seconds.inc(event.audio_seconds)
-                        self.metrics.generated_tokens.inc(event.generated_tokens)
+                        self.admission.observe(event)
                     yield self.to_proto(event)
         except SessionError as err:
             code = err.code
@@ -391,53 +254,20 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
             await session.close()
-            self._release(key)
-            self._count(method, code, key)
-
-    def _count(self, method: str, code: ErrorCode, key: ApiKey | None) -> None:
-        self.metrics.requests.labels(method=method, code=code.value).inc()
-        if key is not None:
-            self.metrics.requests_by_key.labels(key=key.name, code=code.value).inc()
+            self.admission.release(key)
+            self.admission.count(method, code, key)
 
     def _authenticate(self, context) -> ApiKey | None:
         """The caller's key (None when the service is open); raises UNAUTHENTICATED."""
-        if not self.access.enabled:
-            return None
         authorization = None
         for entry in context.invocation_metadata() or ():
             if entry.key == "authorization":
                 authorization = entry.value
                 break
-        key = self.access.authenticate(authorization)
-        if key is None:
-            raise SessionError(ErrorCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-        return key
-
-    def _release(self, key: ApiKey | None) -> None:
-        self.metrics.active_streams.dec()
-        if key is not None:
-            self._streams_by_key[key.name] -= 1
-
-    async def _open(self, config: tts_pb2.SynthesisConfig, key: ApiKey | None) -> SynthesisSession:
-        if self.draining:
-            raise SessionError(
-                ErrorCode.UNAVAILABLE, "server: shutting down; retry on another instance"
-            )
-        limit = key.max_streams if key is not None else None
-        if limit is not None and self._streams_by_key[key.name] >= limit:
-            raise SessionError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"api key {key.name}: {limit} streams open, its max_streams; retry later",
-            )
-        config = await self._with_voice_embedding(config)
-        session = self.engine.open_session(self.session_config(config))
-        self.metrics.active_streams.inc()
-        if key is not None:
-            self._streams_by_key[key.name] += 1
-        return session
+        return self.admission.authenticate(authorization)
 
     async def _abort(self, context, method: str, err: SessionError, key: ApiKey | None = None):
-        self._count(method, err.code, key)
+        self.admission.count(method, err.code, key)
         await context.abort(GRPC_STATUS[err.code], str(err))
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -450,17 +280,17 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             try:
                 first = await requests.__anext__()
             except StopAsyncIteration:
-                raise _invalid(
+                raise invalid(
                     "config: the stream ended before its first message (a config)"
                 ) from None
             if isinstance(first, Undecodable):
-                raise _invalid(first.message)
+                raise invalid(first.message)
             kind = first.WhichOneof("request")
             if kind != "config":
-                raise _invalid(
+                raise invalid(
                     f"config: the first message must be a config, got {kind or 'an empty message'}"
                 )
-            session = await self._open(first.config, key)
+            session = await self.admission.open(first.config, key)
         except SessionError as err:
             await _drain(requests)
             await self._abort(context, method, err, key)
@@ -477,7 +307,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         try:
             async for request in requests:
                 if isinstance(request, Undecodable):
-                    raise _invalid(request.message)
+                    raise invalid(request.message)
                 kind = request.WhichOneof("request")
                 if kind == "text":
                     session.push_text(request.text)
@@ -490,9 +320,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     session.cancel()
                     break
                 elif kind == "config":
-                    raise _invalid("config: sent twice; only the first message may be a config")
+                    raise invalid("config: sent twice; only the first message may be a config")
                 else:
-                    raise _invalid("request: empty message (set one of the request fields)")
+                    raise invalid("request: empty message (set one of the request fields)")
             if not ended and not session.cancelled:
                 session.end_input()  # half-close without end_of_input: finish what was sent
         except SessionError as err:
@@ -508,13 +338,13 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
-                raise _invalid(request.message)
-            session = await self._open(request.config, key)
+                raise invalid(request.message)
+            session = await self.admission.open(request.config, key)
         except SessionError as err:
             await self._abort(context, method, err, key)
         try:
             if not request.text.strip():
-                raise _invalid("text: no text to synthesize")
+                raise invalid("text: no text to synthesize")
             session.push_text(request.text)
             session.end_input()
         except SessionError as err:
@@ -526,104 +356,42 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 yield response
 
     # ---- voices ----------------------------------------------------------------------------
-    async def _with_voice_embedding(
-        self, config: tts_pb2.SynthesisConfig
-    ) -> tts_pb2.SynthesisConfig:
-        """A stored voice or reference audio becomes its embedding, found or computed off the
-        event loop; other configs pass through unchanged."""
-        which = config.voice.WhichOneof("voice")
-        if which not in ("voice_id", "reference_audio"):
-            return config
-        if self.voices is None:
-            raise SessionError(
-                ErrorCode.UNIMPLEMENTED, f"voice.{which}: this server stores no voices"
-            )
-        try:
-            if which == "voice_id":
-                embedding = (await self.voices.get(config.voice.voice_id)).embedding
-            else:
-                embedding = await self.voices.reference_embedding(config.voice.reference_audio)
-        except VoiceNotFound as err:
-            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}") from None
-        except EncoderUnavailable as err:
-            raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
-        except ValueError as err:  # BadAudio
-            reason = str(err).removeprefix("audio: ")
-            raise _invalid(f"voice.reference_audio: {reason}") from None
-        resolved = tts_pb2.SynthesisConfig()
-        resolved.CopyFrom(config)
-        resolved.voice.embedding.values[:] = embedding.tolist()  # replaces the oneof's choice
-        return resolved
-
-    @staticmethod
-    def _voice_info(record: VoiceRecord) -> tts_pb2.VoiceInfo:
-        created = Timestamp()
-        created.FromNanoseconds(int(record.created_at * 1e9))
-        return tts_pb2.VoiceInfo(
-            name=record.voice_id,
-            kind=tts_pb2.VOICE_KIND_STORED,
-            display_name=record.display_name,
-            language=record.language,
-            duration_seconds=record.duration_seconds,
-            created_at=created,
-        )
-
-    def _preset_info(self, name: str) -> tts_pb2.VoiceInfo:
-        notice = ""
-        if self.engine.voices.path(name).parent == BUILTIN_PRESETS_DIR:
-            notice = "not for commercial use (see NOTICE.md of the presets)"
-        return tts_pb2.VoiceInfo(name=name, notice=notice, kind=tts_pb2.VOICE_KIND_PRESET)
-
     async def _voice_rpc(self, method: str, request, context, call):
         """Run one voice RPC, mapping each failure to its status and counting the outcome."""
-        code, message, key = grpc.StatusCode.OK, "", None
+        code, message, key = ErrorCode.OK, "", None
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
-                code, message = grpc.StatusCode.INVALID_ARGUMENT, request.message
-            elif self.voices is None:
-                code, message = grpc.StatusCode.UNIMPLEMENTED, "this server stores no voices"
+                code, message = ErrorCode.INVALID_ARGUMENT, request.message
             else:
                 return await call()
-        except SessionError as err:  # UNAUTHENTICATED
-            code, message = GRPC_STATUS[err.code], str(err)
-        except VoiceExists as err:
-            code, message = grpc.StatusCode.ALREADY_EXISTS, str(err)
-        except VoiceNotFound as err:
-            code, message = grpc.StatusCode.NOT_FOUND, str(err)
-        except PresetVoice as err:
-            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(err)
-        except EncoderUnavailable as err:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(err)
-        except ValueError as err:  # a bad id, name or language, or unusable audio (BadAudio)
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
-        except Exception:
-            logger.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, "internal error"
+        except Exception as err:
+            code = voice_error_code(err)
+            message = str(err)
+            if code is None:
+                logger.exception("%s failed", method)
+                code, message = ErrorCode.INTERNAL, "internal error"
         finally:
-            self._count(method, ErrorCode(code.name), key)
-        await context.abort(code, message)
+            self.admission.count(method, code, key)
+        await context.abort(GRPC_STATUS[code], message)
 
     async def CreateVoice(self, request, context):
         async def create():
-            record = await self.voices.create(
+            return await self.admission.create_voice(
                 request.voice_id, request.audio, request.display_name, request.language
             )
-            return self._voice_info(record)
 
         return await self._voice_rpc("CreateVoice", request, context, create)
 
     async def GetVoice(self, request, context):
         async def get():
-            if request.voice_id in self.engine.voices:
-                return self._preset_info(request.voice_id)
-            return self._voice_info(await self.voices.get(request.voice_id))
+            return await self.admission.get_voice(request.voice_id)
 
         return await self._voice_rpc("GetVoice", request, context, get)
 
     async def DeleteVoice(self, request, context):
         async def delete():
-            await self.voices.delete(request.voice_id)
+            await self.admission.delete_voice(request.voice_id)
             return tts_pb2.DeleteVoiceResponse()
 
         return await self._voice_rpc("DeleteVoice", request, context, delete)
@@ -633,14 +401,5 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             key = self._authenticate(context)
         except SessionError as err:
             await self._abort(context, "ListVoices", err)
-        voices = [self._preset_info(name) for name in self.engine.voices.names()]
-        if self.voices is not None:
-            voices += [self._voice_info(record) for record in await self.voices.list()]
-        self._count("ListVoices", ErrorCode.OK, key)
-        return tts_pb2.ListVoicesResponse(
-            voices=voices,
-            sample_rate_hz=self.engine.decoder.sample_rate,
-            model=self.engine.model_name,
-            codec=self.engine.decoder.describe(),
-            random_weights=self.engine.random_weights,
-        )
+        self.admission.count("ListVoices", ErrorCode.OK, key)
+        return await self.admission.list_voices()

@@ -1,0 +1,319 @@
+"""What every transport (gRPC, HTTP, WebSocket) does the same way before and after a stream.
+
+`Admission` authenticates a caller, refuses new streams while the server drains or a key is at
+its own limit, turns a `SynthesisConfig` (the protobuf message is the service's one schema for
+a synthesis; the HTTP transport fills it from JSON) into an engine session, and counts every
+outcome in the shared metrics. Engine-wide limits (`--max-streams`) live in the engine, so a
+stream counts against them whichever transport opened it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from miotts_stream.audio.encoders import Encoding, output_rate
+from miotts_stream.codec.streaming import StreamingOptions
+from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
+from miotts_stream.llm import SamplingOptions
+from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord
+from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
+
+from .access import UNAUTHENTICATED_MESSAGE, AccessPolicy, ApiKey
+from .engine import (
+    LANGUAGES,
+    ErrorCode,
+    SessionConfig,
+    SessionError,
+    SpeechEngine,
+    Summary,
+    SynthesisSession,
+)
+from .metrics import ServiceMetrics
+from .pb.miotts.v1 import tts_pb2
+
+logger = logging.getLogger(__name__)
+
+PROTO_ENCODINGS = {
+    tts_pb2.ENCODING_UNSPECIFIED: Encoding.PCM_S16LE,
+    tts_pb2.PCM_S16LE: Encoding.PCM_S16LE,
+    tts_pb2.PCM_F32LE: Encoding.PCM_F32LE,
+    tts_pb2.OPUS: Encoding.OPUS,
+    tts_pb2.OGG_OPUS: Encoding.OGG_OPUS,
+    tts_pb2.MULAW: Encoding.MULAW,
+    tts_pb2.ALAW: Encoding.ALAW,
+}
+
+# Upper bound of each window field: windows of all streams share one padded forward, so one
+# client's huge windows would slow every other stream down.
+MAX_WINDOW_FIELD_TOKENS = 250
+
+
+# How long a failed session's handler may stay blocked on one event before it is stopped.
+BLOCKED_WRITE_GRACE_S = 1.0
+
+
+def stop_blocked_writer(session: SynthesisSession, handler: asyncio.Task | None) -> None:
+    """When `session` fails (a limit, a bad message, the drain), its transport handler may be
+    blocked handing an event to a client that stopped reading: such a client would never let
+    it reach the error. A reading client takes the event within the grace, and the handler
+    then ends the stream with the session's error itself; otherwise the handler is cancelled."""
+
+    def on_fail() -> None:
+        offered = session.event_offered_at
+        if offered is None or handler is None:
+            return
+
+        def still_blocked() -> None:
+            if session.event_offered_at == offered and not handler.done():
+                handler.cancel()
+
+        asyncio.get_running_loop().call_later(BLOCKED_WRITE_GRACE_S, still_blocked)
+
+    session.on_fail(on_fail)
+
+
+def invalid(message: str) -> SessionError:
+    return SessionError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def voice_error_code(err: Exception) -> ErrorCode | None:
+    """The status of a voice store / cloning failure, None for an unexpected exception."""
+    if isinstance(err, SessionError):
+        return err.code
+    if isinstance(err, VoiceExists):
+        return ErrorCode.ALREADY_EXISTS
+    if isinstance(err, VoiceNotFound):
+        return ErrorCode.NOT_FOUND
+    if isinstance(err, PresetVoice):
+        return ErrorCode.FAILED_PRECONDITION
+    if isinstance(err, EncoderUnavailable):
+        return ErrorCode.UNAVAILABLE
+    if isinstance(err, ValueError):  # a bad id, name or language, or unusable audio (BadAudio)
+        return ErrorCode.INVALID_ARGUMENT
+    return None
+
+
+class Admission:
+    def __init__(
+        self,
+        engine: SpeechEngine,
+        metrics: ServiceMetrics,
+        default_voice: str,
+        voices: VoiceRegistry | None = None,
+        access: AccessPolicy | None = None,
+    ):
+        self.engine = engine
+        self.metrics = metrics
+        self.default_voice = default_voice
+        self.voices = voices  # stored voices and cloning; None: presets and embeddings only
+        self.access = access or AccessPolicy()
+        self.draining = False  # set on shutdown: new streams are refused, open ones finish
+        self.streams_by_key: Counter[str] = Counter()
+
+    # ---- who -------------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> ApiKey | None:
+        """The caller's key from its `authorization` value (None when the service is open);
+        raises UNAUTHENTICATED."""
+        if not self.access.enabled:
+            return None
+        key = self.access.authenticate(authorization)
+        if key is None:
+            raise SessionError(ErrorCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        return key
+
+    # ---- config ----------------------------------------------------------------------------
+    def session_config(self, config: tts_pb2.SynthesisConfig) -> SessionConfig:
+        """A validated engine config; SessionError naming the field otherwise. Stored voices and
+        reference audio must have been resolved to an embedding first (`open` does that)."""
+        engine = self.engine
+        which = config.voice.WhichOneof("voice")
+        if which == "embedding":
+            try:
+                voice = engine.decoder.validate_embedding(
+                    list(config.voice.embedding.values), "voice.embedding.values"
+                )
+            except ValueError as err:
+                raise invalid(str(err)) from None
+        else:
+            name = config.voice.preset if which == "preset" else self.default_voice
+            if name not in engine.voices:
+                known = ", ".join(engine.voices.names())
+                raise SessionError(
+                    ErrorCode.NOT_FOUND, f"voice.preset: unknown preset {name!r} (known: {known})"
+                )
+            voice = engine.voices.get(name)
+
+        if config.audio.encoding not in PROTO_ENCODINGS:
+            raise invalid(f"audio.encoding: unknown encoding {config.audio.encoding}")
+        encoding = PROTO_ENCODINGS[config.audio.encoding]
+        if config.audio.sample_rate_hz < 0:
+            raise invalid("audio.sample_rate_hz: must be 0 (codec rate) or a positive rate")
+        try:
+            output_rate(encoding, config.audio.sample_rate_hz, engine.decoder.sample_rate)
+        except ValueError as err:
+            raise invalid(str(err)) from None
+
+        gen = config.generation
+        defaults = SamplingOptions()
+        sampling = SamplingOptions(
+            temperature=gen.temperature if gen.HasField("temperature") else defaults.temperature,
+            top_p=gen.top_p if gen.HasField("top_p") else defaults.top_p,
+            repetition_penalty=(
+                gen.repetition_penalty
+                if gen.HasField("repetition_penalty")
+                else defaults.repetition_penalty
+            ),
+            max_tokens=gen.max_tokens if gen.HasField("max_tokens") else defaults.max_tokens,
+            seed=gen.seed if gen.HasField("seed") else None,
+        )
+        try:
+            sampling.validate()
+        except ValueError as err:
+            raise invalid(f"generation.{err}") from None
+
+        base = StreamingOptions()
+        fields = {}
+        for name in (
+            "first_chunk_tokens",
+            "chunk_tokens",
+            "lookahead_tokens",
+            "left_context_tokens",
+        ):
+            value = getattr(config.streaming, name)
+            if not 0 <= value <= MAX_WINDOW_FIELD_TOKENS:
+                raise invalid(
+                    f"streaming.{name}: must be between 0 (the default) and "
+                    f"{MAX_WINDOW_FIELD_TOKENS} tokens, got {value}"
+                )
+            fields[name] = value or getattr(base, name)
+        if fields["lookahead_tokens"] < base.first_lookahead_tokens:
+            fields["first_lookahead_tokens"] = fields["lookahead_tokens"]
+        try:
+            streaming = StreamingOptions(**fields).validated()
+        except ValueError as err:
+            raise invalid(str(err).replace("streaming options: ", "streaming.")) from None
+
+        language = config.language or "auto"
+        if language not in LANGUAGES:
+            raise invalid(f"language: {language!r} is not one of {', '.join(LANGUAGES)}")
+        return SessionConfig(
+            voice, encoding, config.audio.sample_rate_hz, sampling, streaming, language
+        )
+
+    async def resolve_voice(self, config: tts_pb2.SynthesisConfig) -> tts_pb2.SynthesisConfig:
+        """A stored voice or reference audio becomes its embedding, found or computed off the
+        event loop; other configs pass through unchanged."""
+        which = config.voice.WhichOneof("voice")
+        if which not in ("voice_id", "reference_audio"):
+            return config
+        if self.voices is None:
+            raise SessionError(
+                ErrorCode.UNIMPLEMENTED, f"voice.{which}: this server stores no voices"
+            )
+        try:
+            if which == "voice_id":
+                embedding = (await self.voices.get(config.voice.voice_id)).embedding
+            else:
+                embedding = await self.voices.reference_embedding(config.voice.reference_audio)
+        except VoiceNotFound as err:
+            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}") from None
+        except EncoderUnavailable as err:
+            raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
+        except ValueError as err:  # BadAudio
+            reason = str(err).removeprefix("audio: ")
+            raise invalid(f"voice.reference_audio: {reason}") from None
+        resolved = tts_pb2.SynthesisConfig()
+        resolved.CopyFrom(config)
+        resolved.voice.embedding.values[:] = embedding.tolist()  # replaces the oneof's choice
+        return resolved
+
+    # ---- streams ---------------------------------------------------------------------------
+    async def open(self, config: tts_pb2.SynthesisConfig, key: ApiKey | None) -> SynthesisSession:
+        """A new session, or SessionError: draining, the key's limit, a bad config, the
+        engine's --max-streams. Every session opened here must be `release`d."""
+        if self.draining:
+            raise SessionError(
+                ErrorCode.UNAVAILABLE, "server: shutting down; retry on another instance"
+            )
+        limit = key.max_streams if key is not None else None
+        if limit is not None and self.streams_by_key[key.name] >= limit:
+            raise SessionError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"api key {key.name}: {limit} streams open, its max_streams; retry later",
+            )
+        config = await self.resolve_voice(config)
+        session = self.engine.open_session(self.session_config(config))
+        self.metrics.active_streams.inc()
+        if key is not None:
+            self.streams_by_key[key.name] += 1
+        return session
+
+    def release(self, key: ApiKey | None) -> None:
+        self.metrics.active_streams.dec()
+        if key is not None:
+            self.streams_by_key[key.name] -= 1
+
+    def count(self, method: str, code: ErrorCode, key: ApiKey | None) -> None:
+        self.metrics.requests.labels(method=method, code=code.value).inc()
+        if key is not None:
+            self.metrics.requests_by_key.labels(key=key.name, code=code.value).inc()
+
+    def observe(self, summary: Summary) -> None:
+        self.metrics.time_to_first_audio.observe(summary.time_to_first_audio_ms / 1000)
+        self.metrics.audio_seconds.inc(summary.audio_seconds)
+        self.metrics.generated_tokens.inc(summary.generated_tokens)
+
+    # ---- voices ----------------------------------------------------------------------------
+    @staticmethod
+    def voice_info(record: VoiceRecord) -> tts_pb2.VoiceInfo:
+        created = Timestamp()
+        created.FromNanoseconds(int(record.created_at * 1e9))
+        return tts_pb2.VoiceInfo(
+            name=record.voice_id,
+            kind=tts_pb2.VOICE_KIND_STORED,
+            display_name=record.display_name,
+            language=record.language,
+            duration_seconds=record.duration_seconds,
+            created_at=created,
+        )
+
+    def preset_info(self, name: str) -> tts_pb2.VoiceInfo:
+        notice = ""
+        if self.engine.voices.path(name).parent == BUILTIN_PRESETS_DIR:
+            notice = "not for commercial use (see NOTICE.md of the presets)"
+        return tts_pb2.VoiceInfo(name=name, notice=notice, kind=tts_pb2.VOICE_KIND_PRESET)
+
+    def _stored_voices(self) -> VoiceRegistry:
+        if self.voices is None:
+            raise SessionError(ErrorCode.UNIMPLEMENTED, "this server stores no voices")
+        return self.voices
+
+    async def list_voices(self) -> tts_pb2.ListVoicesResponse:
+        voices = [self.preset_info(name) for name in self.engine.voices.names()]
+        if self.voices is not None:
+            voices += [self.voice_info(record) for record in await self.voices.list()]
+        return tts_pb2.ListVoicesResponse(
+            voices=voices,
+            sample_rate_hz=self.engine.decoder.sample_rate,
+            model=self.engine.model_name,
+            codec=self.engine.decoder.describe(),
+            random_weights=self.engine.random_weights,
+        )
+
+    async def create_voice(
+        self, voice_id: str, audio: bytes, display_name: str = "", language: str = ""
+    ) -> tts_pb2.VoiceInfo:
+        record = await self._stored_voices().create(voice_id, audio, display_name, language)
+        return self.voice_info(record)
+
+    async def get_voice(self, voice_id: str) -> tts_pb2.VoiceInfo:
+        if voice_id in self.engine.voices:
+            return self.preset_info(voice_id)
+        return self.voice_info(await self._stored_voices().get(voice_id))
+
+    async def delete_voice(self, voice_id: str) -> None:
+        await self._stored_voices().delete(voice_id)

@@ -1,0 +1,213 @@
+"""The HTTP transport (aiohttp): OpenAI's speech API, models and voices, the WebSocket stream,
+and the browser demo, over the same engine and `Admission` as gRPC.
+
+Routes:
+    GET    /                      the demo page (static files under /static/)
+    POST   /v1/audio/speech       OpenAI-compatible speech (speech.py)
+    GET    /v1/models             the served model, OpenAI's list shape
+    GET    /v1/voices             presets and stored voices (gRPC ListVoicesResponse as JSON)
+    POST   /v1/voices             clone a voice: multipart form, `audio` file + `voice_id` ...
+    GET    /v1/voices/{voice_id}  one voice
+    DELETE /v1/voices/{voice_id}  delete a stored voice
+    GET    /v1/stream             the bidirectional WebSocket stream (websocket.py)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from miotts_stream.service.admission import Admission, voice_error_code
+from miotts_stream.service.engine import ErrorCode, SessionError
+
+from .errors import HTTP_ERRORS, error_object, error_response, invalid
+from .speech import handle_speech
+from .websocket import handle_stream
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    heartbeat_s: float = 30.0  # WebSocket pings to find dead peers (--keepalive-time-s)
+    max_request_bytes: int = 16 * 1024 * 1024 + 64 * 1024  # --max-receive-message-bytes
+
+
+def proto_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as JSON, snake_case names, zero values included."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """aiohttp's own errors (unknown path, wrong method, body too large) as OpenAI error
+    objects, like every other error of the API."""
+    try:
+        return await handler(request)
+    except web.HTTPException as err:
+        if err.status < 400 or not request.path.startswith("/v1/"):
+            raise
+        code = {
+            401: ErrorCode.UNAUTHENTICATED,
+            404: ErrorCode.NOT_FOUND,
+            405: ErrorCode.UNIMPLEMENTED,
+            413: ErrorCode.RESOURCE_EXHAUSTED,
+        }.get(err.status, ErrorCode.INVALID_ARGUMENT)
+        body = error_object(code, f"{request.method} {request.path}: {err.reason}")
+        return web.json_response(body, status=err.status)
+
+
+class HttpTransport:
+    def __init__(self, admission: Admission, options: HttpOptions | None = None):
+        self.admission = admission
+        self.options = options or HttpOptions()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[json_errors], client_max_size=self.options.max_request_bytes
+        )
+        stream = partial(
+            handle_stream,
+            admission=self.admission,
+            heartbeat_s=self.options.heartbeat_s,
+            max_message_bytes=self.options.max_request_bytes,
+        )
+        app.add_routes(
+            [
+                web.get("/", self.index),
+                web.static("/static", STATIC_DIR),
+                web.post("/v1/audio/speech", partial(handle_speech, admission=self.admission)),
+                web.get("/v1/models", self.models),
+                web.get("/v1/voices", self.list_voices),
+                web.post("/v1/voices", self.create_voice),
+                web.get("/v1/voices/{voice_id}", self.get_voice),
+                web.delete("/v1/voices/{voice_id}", self.delete_voice),
+                web.get("/v1/stream", stream),
+            ]
+        )
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        # handler_cancellation: a client that disconnects cancels its handler at once, so its
+        # session (and engine request) ends even while it waits for the next audio chunk.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- pages and lists -----------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    def _authenticate(self, request: web.Request):
+        return self.admission.authenticate(request.headers.get("Authorization"))
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            key = self._authenticate(request)
+        except SessionError as err:
+            self.admission.count("GET /v1/models", err.code, None)
+            return error_response(err)
+        self.admission.count("GET /v1/models", ErrorCode.OK, key)
+        engine = self.admission.engine
+        model = {
+            "id": engine.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "miotts-stream",
+            "codec": engine.decoder.describe(),
+            "sample_rate_hz": engine.decoder.sample_rate,
+            "random_weights": engine.random_weights,
+        }
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _voice_call(self, method: str, request: web.Request, call, status: int = 200):
+        """Authenticate, run `call`, map failures through the shared table, count."""
+        code, key = ErrorCode.OK, None
+        try:
+            key = self._authenticate(request)
+            return web.json_response(await call(), status=status)
+        except Exception as err:
+            code = voice_error_code(err)
+            message = str(err)
+            if code is None:
+                logger.exception("%s failed", method)
+                code, message = ErrorCode.INTERNAL, "internal error"
+            return web.json_response(error_object(code, message), status=HTTP_ERRORS[code].status)
+        finally:
+            self.admission.count(method, code, key)
+
+    async def list_voices(self, request: web.Request) -> web.Response:
+        async def call():
+            return proto_json(await self.admission.list_voices())
+
+        return await self._voice_call("GET /v1/voices", request, call)
+
+    async def get_voice(self, request: web.Request) -> web.Response:
+        async def call():
+            return proto_json(await self.admission.get_voice(request.match_info["voice_id"]))
+
+        return await self._voice_call("GET /v1/voices/{id}", request, call)
+
+    async def delete_voice(self, request: web.Request) -> web.Response:
+        voice_id = request.match_info["voice_id"]
+
+        async def call():
+            await self.admission.delete_voice(voice_id)
+            return {"id": voice_id, "deleted": True}
+
+        return await self._voice_call("DELETE /v1/voices/{id}", request, call)
+
+    async def create_voice(self, request: web.Request) -> web.Response:
+        async def call():
+            fields = await self._voice_form(request)
+            info = await self.admission.create_voice(
+                fields.get("voice_id", ""),
+                fields.get("audio", b""),
+                fields.get("display_name", ""),
+                fields.get("language", ""),
+            )
+            return proto_json(info)
+
+        return await self._voice_call("POST /v1/voices", request, call, status=201)
+
+    @staticmethod
+    async def _voice_form(request: web.Request) -> dict[str, Any]:
+        """The multipart form of a new voice: `audio` (a file), `voice_id`, `display_name`,
+        `language`."""
+        if not request.content_type.startswith("multipart/"):
+            raise invalid(
+                "request body: must be multipart/form-data with an 'audio' file and a 'voice_id'"
+            )
+        form = await request.post()
+        fields: dict[str, Any] = {}
+        for name in ("voice_id", "display_name", "language"):
+            value = form.get(name, "")
+            if not isinstance(value, str):
+                raise invalid(f"{name}: must be a text field, not a file")
+            fields[name] = value
+        audio = form.get("audio")
+        if audio is None:
+            raise invalid("audio: required: the reference audio as a file field")
+        fields["audio"] = audio.file.read() if hasattr(audio, "file") else str(audio).encode()
+        return fields

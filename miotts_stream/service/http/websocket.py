@@ -1,0 +1,303 @@
+"""`/v1/stream`: the bidirectional stream over a WebSocket, in JSON (see docs/http.md).
+
+One connection is one stream, as one `StreamingSynthesize` call is in gRPC. The client sends
+text frames: a `config` first (the gRPC `SynthesisConfig` fields, in protobuf's JSON mapping),
+then `text`, `flush` (with an `id`, acknowledged by `flushed` once the audio of all text sent
+before it is out), `cancel` or `end`. The server sends `ready`, then `segment` events and
+`audio` headers each followed by one binary frame of audio, `flushed` acks, and a `summary`;
+or an `error` whose `code` is the gRPC status name, then a close code from the shared table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+from collections import deque
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from google.protobuf import json_format
+
+from miotts_stream.service.access import ApiKey
+from miotts_stream.service.admission import Admission, stop_blocked_writer
+from miotts_stream.service.engine import (
+    AudioOut,
+    ErrorCode,
+    SegmentFinished,
+    SegmentStarted,
+    SessionError,
+    Summary,
+    SynthesisSession,
+)
+from miotts_stream.service.pb.miotts.v1 import tts_pb2
+
+from .errors import HTTP_ERRORS, CloseCode, error_response, invalid
+
+logger = logging.getLogger(__name__)
+
+METHOD = "WS /v1/stream"
+# The subprotocol the server answers with. Browsers cannot set an Authorization header on a
+# WebSocket: they offer `bearer.KEY` as a second subprotocol instead (never echoed back).
+SUBPROTOCOL = "miotts.v1"
+BEARER_SUBPROTOCOL = "bearer."
+# Before an error's close, read (and drop) what the client still sends, for up to this long.
+ERROR_DRAIN_S = 0.25
+
+
+class ClientMessage(enum.Enum):
+    CONFIG = "config"
+    TEXT = "text"
+    FLUSH = "flush"
+    CANCEL = "cancel"
+    END = "end"
+
+
+class ServerMessage(enum.Enum):
+    READY = "ready"
+    AUDIO = "audio"
+    SEGMENT = "segment"
+    FLUSHED = "flushed"
+    SUMMARY = "summary"
+    ERROR = "error"
+
+
+class _ClientGone(Exception):
+    """The client closed the connection (or it broke)."""
+
+
+def authorization_of(request: web.Request) -> str | None:
+    """The `Authorization` header, or a key offered as the `bearer.KEY` subprotocol."""
+    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        protocol = protocol.strip()
+        if protocol.startswith(BEARER_SUBPROTOCOL):
+            return "Bearer " + protocol[len(BEARER_SUBPROTOCOL) :]
+    return request.headers.get("Authorization")
+
+
+def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
+    """A client frame as (kind, fields); SessionError naming what is wrong; _ClientGone."""
+    if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        raise _ClientGone
+    if message.type == WSMsgType.BINARY:
+        raise invalid("message: binary frames are not accepted; send JSON text frames")
+    try:
+        fields = json.loads(message.data)
+    except ValueError as err:
+        raise invalid(f"message: not JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise invalid("message: must be a JSON object with a 'type'")
+    kind = fields.pop("type", None)
+    if kind is None:
+        raise invalid("type: missing (config, text, flush, cancel or end)")
+    try:
+        return ClientMessage(kind), fields
+    except ValueError:
+        allowed = ", ".join(m.value for m in ClientMessage)
+        raise invalid(f"type: unknown message type {kind!r} (one of {allowed})") from None
+
+
+def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
+    try:
+        return json_format.ParseDict(fields, tts_pb2.SynthesisConfig())
+    except json_format.ParseError as err:
+        first_line = str(err).splitlines()[0]
+        raise invalid(f"config: {first_line}") from None
+
+
+def _audio_header(event: AudioOut, size: int) -> dict[str, Any]:
+    header = {
+        "type": ServerMessage.AUDIO.value,
+        "sequence": event.sequence,
+        "segment_index": event.segment_index,
+        "start_sample": event.start_sample,
+        "num_samples": event.audio.num_samples,
+        "bytes": size,
+    }
+    if event.audio.packets:  # OPUS: the binary frame holds these packets back to back
+        header["packets"] = [len(p) for p in event.audio.packets]
+    return header
+
+
+class StreamConnection:
+    """One WebSocket, one session: a reader task feeds the session, this task sends events."""
+
+    def __init__(self, ws: web.WebSocketResponse, admission: Admission, key: ApiKey | None):
+        self.ws = ws
+        self.admission = admission
+        self.key = key
+        self._send_lock = asyncio.Lock()
+        self._flushes: deque[tuple[int, Any]] = deque()  # (segments needed, client's id)
+        self._segments_finished = 0
+
+    async def _send(self, message: dict[str, Any], data: bytes | None = None) -> None:
+        async with self._send_lock:  # a header and its audio frame go out together
+            await self.ws.send_str(json.dumps(message, separators=(",", ":")))
+            if data is not None:
+                await self.ws.send_bytes(data)
+
+    async def _fail(self, err: SessionError, close_code: CloseCode | None = None) -> None:
+        with contextlib.suppress(Exception):
+            await self._send(
+                {"type": ServerMessage.ERROR.value, "code": err.code.value, "message": str(err)}
+            )
+        code = close_code or HTTP_ERRORS[err.code].close_code
+        reason = str(err).encode()[:120].decode(errors="ignore")  # a close reason: <= 123 bytes
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=reason.encode())
+
+    async def run(self, idle_timeout_s: float) -> None:
+        session = None
+        code = ErrorCode.OK
+        try:
+            try:
+                first = await self.ws.receive(timeout=idle_timeout_s or None)
+            except TimeoutError:
+                raise SessionError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"config: none received within {idle_timeout_s:g} s (--idle-timeout-s)",
+                ) from None
+            kind, fields = parse_message(first)
+            if kind is not ClientMessage.CONFIG:
+                raise invalid(f"config: the first message must be a config, got {kind.value}")
+            session = await self.admission.open(parse_config(fields), self.key)
+        except _ClientGone:
+            self.admission.count(METHOD, ErrorCode.CANCELLED, self.key)
+            return
+        except SessionError as err:
+            self.admission.count(METHOD, err.code, self.key)
+            await self._fail(err)
+            return
+        try:
+            code = await self._stream(session)
+        finally:
+            self.admission.release(self.key)
+            self.admission.count(METHOD, code, self.key)
+
+    async def _stream(self, session: SynthesisSession) -> ErrorCode:
+        reader = asyncio.get_running_loop().create_task(self._read(session))
+        stop_blocked_writer(session, asyncio.current_task())
+        code = ErrorCode.OK
+        try:
+            await self._send(
+                {
+                    "type": ServerMessage.READY.value,
+                    "session_id": session.id,
+                    "encoding": session.config.encoding.value,
+                    "sample_rate_hz": session.encoder.out_rate,
+                    "random_weights": self.admission.engine.random_weights,
+                }
+            )
+            async with contextlib.aclosing(session.events()) as events:
+                async for event in events:
+                    await self._send_event(event)
+            if session.cancelled:
+                code = ErrorCode.CANCELLED
+                await self.ws.close(code=CloseCode.NORMAL, message=b"cancelled")
+            else:
+                await self.ws.close(code=CloseCode.NORMAL, message=b"done")
+        except SessionError as err:
+            code = err.code
+            with contextlib.suppress(Exception):  # the reader drops what the client still sends
+                await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
+            await self._fail(err)
+        except (asyncio.CancelledError, ConnectionError):
+            code = session.error.code if session.error is not None else ErrorCode.CANCELLED
+            raise
+        except Exception:
+            code = ErrorCode.INTERNAL
+            logger.exception("session %s failed", session.id)
+            await self._fail(SessionError(ErrorCode.INTERNAL, "internal error"))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await session.close()
+        return code
+
+    async def _send_event(self, event) -> None:
+        if isinstance(event, AudioOut):
+            data = event.audio.data or b"".join(event.audio.packets)
+            await self._send(_audio_header(event, len(data)), data)
+        elif isinstance(event, SegmentStarted | SegmentFinished):
+            finished = isinstance(event, SegmentFinished)
+            message = {
+                "type": ServerMessage.SEGMENT.value,
+                "kind": "finished" if finished else "started",
+                **asdict(event),
+            }
+            await self._send(message)
+            if finished:
+                self._segments_finished = event.segment_index + 1
+                await self._ack_flushes()
+        elif isinstance(event, Summary):
+            self.admission.observe(event)
+            summary = asdict(event)
+            summary["encoding"] = event.encoding.value
+            await self._send({"type": ServerMessage.SUMMARY.value, **summary})
+
+    async def _ack_flushes(self) -> None:
+        done = []
+        while self._flushes and self._flushes[0][0] <= self._segments_finished:
+            done.append(self._flushes.popleft()[1])
+        for flush_id in done:
+            await self._send({"type": ServerMessage.FLUSHED.value, "id": flush_id})
+
+    async def _read(self, session: SynthesisSession) -> None:
+        """Feed the client's messages into the session; problems fail the session."""
+        ended = False
+        try:
+            while True:
+                try:
+                    kind, fields = parse_message(await self.ws.receive())
+                except _ClientGone:
+                    break
+                if kind is ClientMessage.TEXT:
+                    text = fields.get("text")
+                    if not isinstance(text, str):
+                        raise invalid("text: must be a string")
+                    session.push_text(text)
+                elif kind is ClientMessage.FLUSH:
+                    session.flush()
+                    self._flushes.append((session.segment_count, fields.get("id")))
+                    await self._ack_flushes()  # nothing pending: acknowledged at once
+                elif kind is ClientMessage.END:
+                    session.end_input()
+                    ended = True
+                elif kind is ClientMessage.CANCEL:
+                    session.cancel()
+                    break
+                else:
+                    raise invalid("config: sent twice; only the first message may be a config")
+            if not ended and not session.cancelled:
+                session.cancel()  # the client closed the socket: no one would hear the rest
+        except SessionError as err:
+            session.fail(err)
+        # After a cancel or an error the client may still be sending: read and drop that.
+        with contextlib.suppress(Exception):
+            while not self.ws.closed:
+                message = await self.ws.receive()
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
+
+
+async def handle_stream(
+    request: web.Request, admission: Admission, *, heartbeat_s: float, max_message_bytes: int
+) -> web.StreamResponse:
+    try:
+        key = admission.authenticate(authorization_of(request))
+    except SessionError as err:  # refused before the upgrade, as an HTTP error
+        admission.count(METHOD, err.code, None)
+        return error_response(err)
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        heartbeat=heartbeat_s or None,
+        max_msg_size=max_message_bytes,
+        compress=False,  # audio does not compress; deflate would only cost CPU
+    )
+    await ws.prepare(request)
+    await StreamConnection(ws, admission, key).run(admission.engine.limits.idle_s)
+    return ws
