@@ -103,9 +103,11 @@ class HttpTransport:
     async def start(self, host: str, port: int) -> int:
         # handler_cancellation: a client that disconnects cancels its handler at once, so its
         # session (and engine request) ends even while it waits for the next audio chunk.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port

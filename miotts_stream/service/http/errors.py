@@ -52,8 +52,9 @@ HTTP_ERRORS: dict[ErrorCode, HttpError] = {
     ErrorCode.INTERNAL: HttpError(500, "server_error", CloseCode.INTERNAL_ERROR),
 }
 
-# Messages name their field first ("voice.preset: unknown preset ..."): that is OpenAI's `param`.
-_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): ")
+# Messages name their field first ("voice.preset: unknown preset ...", "generation.top_p must
+# be ..."): that is OpenAI's `param`.
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)(?:: | must )")
 
 
 def error_object(code: ErrorCode, message: str) -> dict[str, Any]:
