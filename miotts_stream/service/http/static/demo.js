@@ -13,6 +13,7 @@ const stats = {
   samplesPlayed: 0,
   underruns: 0,
   ttfaMs: null,
+  textSentAtFirstAudio: null, // text messages sent when the first audio arrived
   flushAcks: 0,
   summary: null,
   error: null,
@@ -92,6 +93,7 @@ function resetStats() {
   Object.assign(stats, {
     textMessagesSent: 0, framesReceived: 0, bytesReceived: 0, samplesReceived: 0,
     samplesScheduled: 0, samplesPlayed: 0, underruns: 0, ttfaMs: null, flushAcks: 0,
+    textSentAtFirstAudio: null,
     summary: null, error: null,
   });
 }
@@ -187,8 +189,9 @@ function onMessage(current, event) {
     const t = now(current);
     if (current.firstAudioAt === null) {
       current.firstAudioAt = t;
-      // From the text that completed the first segment, as the server counts it, is in the
-      // summary; this is from the first text sent, as a user waits.
+      stats.textSentAtFirstAudio = stats.textMessagesSent;
+      // From the first text sent, as a user waits (the summary's figure counts from the text
+      // that completed the first segment, as the server sees it).
       stats.ttfaMs = Math.round((t - (current.textMarks[0]?.t ?? 0)) * 1000);
       $("stat-ttfa").textContent = stats.ttfaMs + " ms";
       current.playStartAt = current.context.currentTime;
@@ -241,7 +244,7 @@ function draw(current) {
   const heard = current.firstAudioAt === null ? 0 : current.firstAudioAt + stats.samplesReceived / current.rate;
   const end = Math.max(5, now(current) + 0.5, heard, ...current.chunks.map((c) => c.t + c.seconds));
   const x = (t) => left + (t / end) * (right - left);
-  const lanes = { text: 60, audio: 170, play: 290 };
+  const lanes = { text: 60, audio: 160, play: 290 };
   g.clearRect(0, 0, W, H);
   g.font = "22px system-ui";
   g.fillStyle = "#333";
@@ -265,12 +268,11 @@ function draw(current) {
   for (const ack of current.acks) {
     g.beginPath(); g.arc(x(ack.t), lanes.text + 30, 6, 0, 2 * Math.PI); g.fill();
   }
-  // audio chunks: placed at arrival, as long as the audio they carry
+  // audio chunks: a bar at each arrival, as tall as the audio it carries (1 s = full height)
   for (const chunk of current.chunks) {
-    g.fillStyle = chunk.segment % 2 ? "#e8962a" : "#f2b84b";
-    g.fillRect(x(chunk.t), lanes.audio - 22, Math.max(2, x(chunk.t + chunk.seconds) - x(chunk.t)), 44);
-    g.strokeStyle = "#a25f00";
-    g.strokeRect(x(chunk.t), lanes.audio - 22, Math.max(2, x(chunk.t + chunk.seconds) - x(chunk.t)), 44);
+    const h = Math.max(4, Math.min(1, chunk.seconds) * 80);
+    g.fillStyle = chunk.segment % 2 ? "#d9801a" : "#f0a830";
+    g.fillRect(x(chunk.t) - 3, lanes.audio + 40 - h, 6, h);
   }
   // playback: played (dark) and received but not yet played (light)
   if (current.firstAudioAt !== null) {
