@@ -67,7 +67,8 @@ async def test_the_page_plays_audio_while_text_is_still_sent(server, browser):
     await page.fill("#wordMs", "150")
     await page.click("#speak")
     stats = "window.miottsDemo.stats"
-    await page.wait_for_function(f"{stats}.summary !== null || {stats}.error !== null", timeout=60000)
+    ended = f"{stats}.summary !== null || {stats}.error !== null"
+    await page.wait_for_function(ended, timeout=60000)
     # Playback keeps going after the stream ends: wait (bounded) until some has played.
     await page.wait_for_function(f"{stats}.samplesPlayed > 0", timeout=10000)
     result = await page.evaluate(stats)

@@ -177,11 +177,56 @@ async def test_the_first_bytes_leave_while_the_rest_is_still_generated(client, s
     assert first and rest
     assert open_at_first_byte == 1
     assert len(first + b"".join(rest)) == 120 * SPT * 2
+    await released(server)
+
+    # The same request over gRPC, for the figures side by side (printed, not asserted).
+    request = tts_pb2.SynthesizeRequest(
+        config=tts_pb2.SynthesisConfig(generation=tts_pb2.GenerationOptions(max_tokens=120)),
+        text="A longer sentence, so that generating it takes a while before the end.",
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        grpc_started = loop.time()
+        grpc_first = None
+        call = tts_pb2_grpc.TextToSpeechStub(channel).Synthesize(
+            request, metadata=(("authorization", f"Bearer {KEY}"),)
+        )
+        async for response in call:
+            if grpc_first is None and response.WhichOneof("response") == "audio":
+                grpc_first = loop.time()
+        grpc_last = loop.time()
     print(
-        f"\nHTTP pcm, 4.8 s of audio: first byte {1000 * (first_at - started):.0f} ms, "
-        f"last byte {1000 * (last_at - started):.0f} ms"
+        f"\n4.8 s of audio, stand-in at {STANDIN_RATE:g} codes/s: HTTP first byte "
+        f"{1000 * (first_at - started):.0f} ms, last {1000 * (last_at - started):.0f} ms; "
+        f"gRPC first audio {1000 * (grpc_first - grpc_started):.0f} ms, "
+        f"last {1000 * (grpc_last - grpc_started):.0f} ms"
     )
     await released(server)
+
+
+async def test_a_client_that_goes_away_leaves_nothing_running(client, ws_url, server):
+    async with client.audio.speech.with_streaming_response.create(
+        model="miotts",
+        voice="en_female",
+        input="A sentence that will not be heard to its end, because the client leaves.",
+        response_format="pcm",
+        extra_body={"max_tokens": 120},
+    ) as response:
+        assert await anext(response.iter_bytes())
+    await released(server)  # closed after its first chunk: session and LLM request ended
+
+    async with ws_connect(ws_url) as ws:
+        await ws.send(config(generation={"max_tokens": 120}))
+        await ws.send(json.dumps({"type": "text", "text": "Gone before the end of it."}))
+        await ws.send(json.dumps({"type": "flush"}))
+        while not isinstance(await ws.recv(), bytes):
+            pass
+    await released(server)  # closed without `end` or `cancel`
+
+
+async def test_health(base_url, server):
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/health") as response:
+        assert response.status == 200  # open, like gRPC health
+        assert await response.json() == {"status": "SERVING"}
 
 
 @pytest.mark.parametrize(

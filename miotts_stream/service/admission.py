@@ -112,7 +112,13 @@ class Admission:
         self.voices = voices  # stored voices and cloning; None: presets and embeddings only
         self.access = access or AccessPolicy()
         self.draining = False  # set on shutdown: new streams are refused, open ones finish
+        self.engine_serving = True  # False while an in-process engine restarts (health)
         self.streams_by_key: Counter[str] = Counter()
+
+    @property
+    def serving(self) -> bool:
+        """What health checks report: taking new streams (not draining, the engine up)."""
+        return self.engine_serving and not self.draining
 
     # ---- who -------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> ApiKey | None:

@@ -329,6 +329,7 @@ class MioTTSServer:
         if self.admission.draining:
             return  # shutting down: NOT_SERVING stays
         serving = state is EngineState.SERVING
+        self.admission.engine_serving = serving
         if serving:
             self.metrics.engine_restarts.inc()  # the first SERVING is no change: not heard
         elif state is EngineState.DEAD:

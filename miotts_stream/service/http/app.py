@@ -10,6 +10,7 @@ Routes:
     GET    /v1/voices/{voice_id}  one voice
     DELETE /v1/voices/{voice_id}  delete a stored voice
     GET    /v1/stream             the bidirectional WebSocket stream (websocket.py)
+    GET    /health                200 SERVING or 503 NOT_SERVING, as gRPC health (no key)
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class HttpTransport:
                 web.get("/v1/voices/{voice_id}", self.get_voice),
                 web.delete("/v1/voices/{voice_id}", self.delete_voice),
                 web.get("/v1/stream", stream),
+                web.get("/health", self.health),
             ]
         )
         return app
@@ -120,6 +122,12 @@ class HttpTransport:
     # ---- pages and lists -----------------------------------------------------------------
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def health(self, request: web.Request) -> web.Response:
+        serving = self.admission.serving
+        return web.json_response(
+            {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
+        )
 
     def _authenticate(self, request: web.Request):
         return self.admission.authenticate(request.headers.get("Authorization"))
