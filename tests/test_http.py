@@ -223,6 +223,37 @@ async def test_a_client_that_goes_away_leaves_nothing_running(client, ws_url, se
     await released(server)  # closed without `end` or `cancel`
 
 
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+async def test_a_failure_after_the_first_byte(client, server, stream_format):
+    """The status has gone out with the first byte: SSE ends with an error event, an audio
+    body is cut off before its final chunk (never a short file that looks whole)."""
+    from miotts_stream.service.engine import ErrorCode, SessionError
+
+    async with client.audio.speech.with_streaming_response.create(
+        model="miotts",
+        voice="en_female",
+        input="A sentence that the server will fail halfway, as a drain would.",
+        response_format="wav",
+        stream_format=stream_format,
+        extra_body={"max_tokens": 120},
+    ) as response:
+        chunks = response.iter_bytes()
+        assert await anext(chunks)
+        (session,) = server.engine.sessions
+        session.fail(SessionError(ErrorCode.UNAVAILABLE, "server: shut down; retry"))
+        if stream_format == "sse":
+            body = b"".join([chunk async for chunk in chunks]).decode()
+            last = json.loads(body.strip().split("\n\n")[-1].removeprefix("data: "))
+            assert last["type"] == "error"
+            assert last["error"]["code"] == "UNAVAILABLE"
+        else:
+            # The client's HTTP library (httpx, or httpx2 in newer openai) reports it as such.
+            with pytest.raises(Exception, match="without sending complete message body"):
+                async for _ in chunks:
+                    pass
+    await released(server)
+
+
 async def test_health(base_url, server):
     async with aiohttp.ClientSession() as http, http.get(f"{base_url}/health") as response:
         assert response.status == 200  # open, like gRPC health
@@ -232,7 +263,7 @@ async def test_health(base_url, server):
 @pytest.mark.parametrize(
     ("fields", "error", "param", "words"),
     [
-        ({"voice": "alloy"}, openai.NotFoundError, "voice.voice_id", "alloy"),
+        ({"voice": "alloy"}, openai.NotFoundError, "voice", "'alloy' is neither a preset"),
         ({"speed": 1.5}, openai.BadRequestError, "speed", "only 1.0"),
         ({"response_format": "ogg"}, openai.BadRequestError, "response_format", "'ogg'"),
         ({"input": "  "}, openai.BadRequestError, "input", "no text"),

@@ -300,7 +300,17 @@ async def handle_speech(request: web.Request, admission: Admission) -> web.Strea
         except (ValueError, UnicodeDecodeError) as err:
             raise invalid(f"request body: not JSON ({err})") from None
         speech = parse_speech_request(body, admission.engine.voices)
-        session = await admission.open(speech.config, key)
+        try:
+            session = await admission.open(speech.config, key)
+        except SessionError as err:
+            if err.code is ErrorCode.NOT_FOUND and speech.config.voice.voice_id:
+                known = ", ".join(admission.engine.voices.names())
+                raise SessionError(
+                    ErrorCode.NOT_FOUND,
+                    f"voice: {speech.config.voice.voice_id!r} is neither a preset ({known}) "
+                    "nor a stored voice (GET /v1/voices lists them)",
+                ) from None
+            raise
     except SessionError as err:
         admission.count(METHOD, err.code, key)
         return error_response(err)
