@@ -8,7 +8,9 @@ import asyncio
 import datetime
 import ipaddress
 import logging
+import ssl
 
+import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
@@ -131,7 +133,8 @@ async def servers(engine, pki, tmp_path_factory):
     keys_file.write_text(f"# comment\n{KEY_A} name=team-a max_streams=1\n\n{KEY_B}\n")
     made = {
         "tls": MioTTSServer(
-            engine, _options(tls_cert=str(pki["server"]), tls_key=str(pki["server_key"]))
+            engine,
+            _options(tls_cert=str(pki["server"]), tls_key=str(pki["server_key"]), http_port=0),
         ),
         "mtls": MioTTSServer(
             engine,
@@ -139,6 +142,7 @@ async def servers(engine, pki, tmp_path_factory):
                 tls_cert=str(pki["server"]),
                 tls_key=str(pki["server_key"]),
                 tls_client_ca=str(pki["ca"]),
+                http_port=0,
             ),
         ),
         "keys": MioTTSServer(engine, _options(api_keys_file=str(keys_file))),
@@ -148,6 +152,8 @@ async def servers(engine, pki, tmp_path_factory):
     yield made
     for server in made.values():  # the engine is the module's: close only the transports
         await server.grpc.stop(0.2)
+        if server.http is not None:
+            await server.http.stop()
 
 
 def _request(text: str = "Secure.") -> tts_pb2.SynthesizeRequest:
@@ -205,6 +211,23 @@ async def test_mtls_requires_a_client_certificate_from_the_ca(servers, pki):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await _synthesize(channel)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, client_cert
+
+
+async def test_https_on_the_http_port_with_the_same_certificates(servers, pki):
+    """The HTTP port serves TLS (and mTLS) with gRPC's certificates, never plaintext beside it."""
+    trusted = ssl.create_default_context(cafile=str(pki["ca"]))
+    async with aiohttp.ClientSession() as http:
+        url = f"https://127.0.0.1:{servers['tls'].http_port}/health"
+        async with http.get(url, ssl=trusted) as response:
+            assert response.status == 200
+        with pytest.raises(aiohttp.ClientError):  # plaintext HTTP on the TLS port
+            await http.get(url.replace("https:", "http:"))
+        mtls = f"https://127.0.0.1:{servers['mtls'].http_port}/health"
+        with pytest.raises(aiohttp.ClientError):  # no client certificate
+            await http.get(mtls, ssl=trusted)
+        trusted.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+        async with http.get(mtls, ssl=trusted) as response:
+            assert response.status == 200
 
 
 # ---- API keys -----------------------------------------------------------------------------

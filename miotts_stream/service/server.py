@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -147,6 +148,20 @@ class ServerOptions:
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
+
+
+def http_ssl_context(options: ServerOptions) -> ssl.SSLContext | None:
+    """HTTPS for the HTTP port with gRPC's --tls-cert/--tls-key (and --tls-client-ca: client
+    certificates required), so that keys never cross in plaintext on one port and not the
+    other; None for plaintext."""
+    if not (options.tls_cert and options.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(options.tls_cert, options.tls_key)
+    if options.tls_client_ca:
+        context.load_verify_locations(options.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def is_loopback(host: str) -> bool:
@@ -298,7 +313,9 @@ class MioTTSServer:
                     max_request_bytes=self.options.max_receive_message_bytes,
                 ),
             )
-            self.http_port = await self.http.start(self.options.host, self.options.http_port)
+            self.http_port = await self.http.start(
+                self.options.host, self.options.http_port, http_ssl_context(self.options)
+            )
         self.metrics.watch_decoder(self.engine.scheduler)
         self._lag_watch = asyncio.get_running_loop().create_task(
             self.metrics.watch_event_loop(), name="event-loop-lag"

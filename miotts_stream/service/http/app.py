@@ -16,6 +16,7 @@ Routes:
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -102,14 +103,14 @@ class HttpTransport:
         )
         return app
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         # handler_cancellation: a client that disconnects cancels its handler at once, so its
         # session (and engine request) ends even while it waits for the next audio chunk.
         self._runner = web.AppRunner(
             self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port
