@@ -1,4 +1,5 @@
-"""miotts-stream server: streaming MioTTS over gRPC (miotts.v1.TextToSpeech).
+"""miotts-stream server: streaming MioTTS over gRPC (miotts.v1.TextToSpeech) and HTTP
+(OpenAI /v1/audio/speech, the /v1/stream WebSocket, a demo page at /).
 
 With no flags it serves the built-in default, a small demo speech LLM and a full-size 24 kHz
 MioCodec decoder, both with RANDOM WEIGHTS (audio of the right shape and timing, not speech).
