@@ -5,7 +5,9 @@ deploy/haproxy/haproxy.cfg and the documented client retry config
 24 streams run through the proxy. One replica gets SIGTERM (drain), another SIGKILL, mid-load.
 What must hold: the draining replica's open streams finish normally; once the proxy's gRPC health
 check sees it NOT_SERVING, new streams land on the others; the killed replica's open streams end
-with UNAVAILABLE; and new streams started right after the kill all complete.
+with an error and no summary (through HAProxy: CANCELLED, from the RST_STREAM CANCEL that the
+proxy sends when a replica's connection dies mid-response; docs/deploy.md); and new streams
+started right after the kill, with the documented retry policy, all complete on the survivor.
 
 Streams are held open by the client (config, text, flush, then nothing until released), so the
 order of events is set by the test, not by how fast this machine generates audio.
@@ -41,7 +43,7 @@ RETRY_CONFIG = ROOT / "deploy" / "grpc" / "retry_service_config.json"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 SERVICE = "miotts.v1.TextToSpeech"
 REPLICAS = ("r1", "r2", "r3")
-MAX_STREAMS = 32  # per replica; the config's `maxconn 32` matches it
+MAX_STREAMS = 64  # per replica; the config's `maxconn 64` matches it
 
 
 # ---- the health check's raw HTTP/2 bytes, rebuilt from the protobuf messages ----------------
@@ -100,6 +102,8 @@ def test_health_check_bytes_match_the_config():
     sent, serving = expected_health_check()
     assert sends == sent
     assert expects == [serving]
+    (default_server,) = [line for line in text.splitlines() if "default-server" in line]
+    assert f"maxconn {MAX_STREAMS}" in default_server  # the test's replicas run --max-streams
 
 
 # ---- processes -----------------------------------------------------------------------------
