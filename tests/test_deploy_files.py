@@ -102,7 +102,8 @@ def test_probes_use_the_servers_grpc_health():
 def test_termination_grace_outlasts_the_drain():
     pod = _one("Deployment")["spec"]["template"]["spec"]
     (drain,) = _arg("drain-timeout-s") or [str(ServerOptions().drain_timeout_s)]
-    drain_s = float(drain)
+    (notice,) = _arg("drain-notice-s") or [str(ServerOptions().drain_notice_s)]
+    drain_s = float(notice) + float(drain)
     pre_stop = _container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain_s

@@ -43,6 +43,9 @@ RETRY_CONFIG = ROOT / "deploy" / "grpc" / "retry_service_config.json"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 SERVICE = "miotts.v1.TextToSpeech"
 REPLICAS = ("r1", "r2", "r3")
+# As docs/deploy.md advises behind this config: longer than its checks take to see NOT_SERVING
+# (two checks a second apart).
+DRAIN_NOTICE_S = 5.0
 MAX_STREAMS = 64  # per replica; the config's `maxconn 64` matches it
 
 
@@ -125,7 +128,8 @@ def _start_replica(name: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> Re
         "--codec", str(TINY_CODECS["24khz"]), "--llm-standin-rate", "50",
         "--max-streams", str(MAX_STREAMS), "--data-dir", str(tmp_path / name),
         # The test holds streams open between its steps: long enough drain and idle limits.
-        "--drain-timeout-s", "90", "--idle-timeout-s", "90", "--log-level", "WARNING", *extra,
+        "--drain-timeout-s", "90", "--idle-timeout-s", "90", "--log-level", "WARNING",
+        "--drain-notice-s", str(DRAIN_NOTICE_S), *extra,
     ]  # fmt: skip
     log = tmp_path / f"{name}.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -314,9 +318,13 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
             assert sorted(placed) == list(REPLICAS), placed
             drained, killed, survivor = "r1", "r2", "r3"
 
-            # 2. SIGTERM r1: its health turns NOT_SERVING, the proxy takes it out.
+            # 2. SIGTERM r1: its health turns NOT_SERVING, the proxy takes it out. Streams that
+            # start before the proxy has noticed are still served (--drain-notice-s).
             replicas[drained].process.send_signal(signal.SIGTERM)
+            window = [HeldStream(f"window-{i}").start(stub) for i in range(6)]
+            streams += window
             await _wait_states(admin_socket, {drained: "DOWN"}, "after SIGTERM")
+            await _started(window)
             assert replicas[drained].process.poll() is None  # still draining its streams
 
             # 3. New streams land on the survivors only.
@@ -331,7 +339,7 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
             replicas[killed].process.wait(timeout=10)
             third = [HeldStream(f"third-{i}").start(stub) for i in range(6)]
             streams += third
-            on_killed = [s for s in first + second if s.replica == killed]
+            on_killed = [s for s in first + window + second if s.replica == killed]
             assert on_killed
             await asyncio.wait_for(asyncio.gather(*(s.task for s in on_killed)), 60)
             # The replica's connection died under the proxy, which resets each of its streams
@@ -354,7 +362,7 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
             assert set(_where(third)) == {survivor}, _where(third)
 
             # 5. The drained replica's streams (and the survivor's) finish normally.
-            rest = [s for s in first + second if s.replica != killed]
+            rest = [s for s in first + window + second if s.replica != killed]
             await _finished(rest)
             assert {(s.code, s.got_summary) for s in rest} == {(grpc.StatusCode.OK, True)}, [
                 (s.label, s.replica, s.code, s.details)
@@ -411,3 +419,52 @@ async def test_http_api_through_haproxy(tmp_path):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(timeout=30)
+
+
+@pytest.mark.asyncio
+async def test_drain_notice_serves_new_streams_then_refuses(tmp_path):
+    """--drain-notice-s: after SIGTERM health is NOT_SERVING at once, a new stream is still
+    served; once the notice is over new streams are refused while open ones finish."""
+    replica = _start_replica("r1", tmp_path)
+    held = HeldStream("held")
+    try:
+        await _wait_serving([replica])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = tts_pb2_grpc.TextToSpeechStub(channel)
+            held.start(stub)
+            await _started([held])
+            replica.process.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            for _ in range(100):
+                reply = await health.Check(request, timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            config = tts_pb2.SynthesisConfig(generation=tts_pb2.GenerationOptions(max_tokens=12))
+            synthesize = tts_pb2.SynthesizeRequest(config=config, text="Still here.")
+            kinds = [r.WhichOneof("response") async for r in stub.Synthesize(synthesize)]
+            assert kinds[-1] == "summary"  # served during the notice
+
+            caught = None
+            for _ in range(200):  # bounded: the notice is DRAIN_NOTICE_S long
+                try:
+                    async for _ in stub.Synthesize(synthesize):
+                        pass
+                except grpc.aio.AioRpcError as error:
+                    caught = error
+                    break
+                await asyncio.sleep(0.1)
+            assert caught is not None and caught.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in caught.details()
+
+            await _finished([held])  # the open stream still finishes normally
+            assert (held.code, held.got_summary) == (grpc.StatusCode.OK, True), held.details
+        assert replica.process.wait(timeout=60) == 0
+    finally:
+        held.release.set()
+        if replica.process.poll() is None:
+            replica.process.kill()
+            replica.process.wait(timeout=30)
