@@ -333,12 +333,9 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
             await _started(second)
             assert set(_where(second)) <= {killed, survivor}, _where(second)
 
-            # 4. SIGKILL r2 with streams open on it, and start new streams at once (before the
-            # proxy's check has seen it die): the retry policy must bring each of them home.
+            # 4. SIGKILL r2 with streams open on it.
             replicas[killed].process.kill()
             replicas[killed].process.wait(timeout=10)
-            third = [HeldStream(f"third-{i}").start(stub) for i in range(6)]
-            streams += third
             on_killed = [s for s in first + window + second if s.replica == killed]
             assert on_killed
             await asyncio.wait_for(asyncio.gather(*(s.task for s in on_killed)), 60)
@@ -353,6 +350,12 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
                 for s in on_killed
             ), [(s.label, s.code, s.details) for s in on_killed]
 
+            # 5. New streams at once, while the proxy may still count r2 as up (its check needs
+            # two failures) and r2, now without streams, is leastconn's first choice: the
+            # proxy's connection retries (redispatch) and the client's retry policy must bring
+            # each of them to the survivor.
+            third = [HeldStream(f"third-{i}").start(stub) for i in range(6)]
+            streams += third
             await _started(third)
             await _finished(third)
             assert [s.code for s in third] == [grpc.StatusCode.OK] * len(third), [
@@ -361,7 +364,7 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
             assert all(s.got_summary for s in third)
             assert set(_where(third)) == {survivor}, _where(third)
 
-            # 5. The drained replica's streams (and the survivor's) finish normally.
+            # 6. The drained replica's streams (and the survivor's) finish normally.
             rest = [s for s in first + window + second if s.replica != killed]
             await _finished(rest)
             assert {(s.code, s.got_summary) for s in rest} == {(grpc.StatusCode.OK, True)}, [
