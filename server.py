@@ -146,6 +146,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         f"(default {d.data_dir}/)",
     )
     voices.add_argument(
+        "--voice-store",
+        default=None,
+        help="where stored voices live: postgresql://USER:PASSWORD@HOST:PORT/DB for a\n"
+        "database shared by replicas, or sqlite:///PATH/FILE (default: SQLite in --data-dir)",
+    )
+    voices.add_argument(
         "--ssl-model",
         default=d.ssl_model,
         help="WavLM for cloning voices from audio: a transformers folder, a Hugging Face\n"

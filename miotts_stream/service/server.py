@@ -35,7 +35,7 @@ from miotts_stream.llm import (
     VLLMTokenSource,
 )
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
-from miotts_stream.voices import SQLiteVoiceStore
+from miotts_stream.voices import open_voice_store
 from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
 from .access import AccessPolicy
@@ -86,6 +86,8 @@ class ServerOptions:
     engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
     exit_on_engine_death: bool = False  # instead of restarting the engine in process
     data_dir: str = ".data"  # the voice store (SQLite), shared with the voices CLI
+    # None: SQLite in data_dir; postgresql://... : a database shared by replicas; sqlite://PATH
+    voice_store: str | None = field(default=None, repr=False)  # a URI may hold a password
     ssl_model: str | None = None  # None: wavlm-base-plus with --codec, else the random WavLM
     reference_min_seconds: float = 1.0
     reference_max_seconds: float = 30.0
@@ -246,9 +248,12 @@ class MioTTSServer:
         # Set when the engine died for good (restarts off: --exit-on-engine-death).
         self.engine_died = asyncio.Event()
         self._health_updates: set[asyncio.Task] = set()
-        # Checked now (a bad --data-dir or limit fails at start); the encoder loads on first use.
+        # Checked now (a bad --data-dir, --voice-store or limit fails at start); the encoder
+        # loads on first use.
+        store = open_voice_store(options.voice_store, options.data_dir)
+        logger.info("voice store: %s", store.describe())
         self.voices = VoiceRegistry(
-            SQLiteVoiceStore(options.data_dir),
+            store,
             engine.voices,
             partial(make_encoder, options.codec, options.ssl_model, options.device),
             AudioLimits(options.reference_min_seconds, options.reference_max_seconds),
