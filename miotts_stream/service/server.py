@@ -38,7 +38,7 @@ from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 from miotts_stream.voices import open_voice_store
 from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
-from .access import AccessPolicy
+from .access import AccessError, AccessPolicy
 from .engine import ErrorCode, SessionError, SessionLimits, SpeechEngine
 from .metrics import ServiceMetrics
 from .pb.miotts.v1 import tts_pb2
@@ -266,6 +266,16 @@ class MioTTSServer:
     def cut_drain(self) -> None:
         self._drain_cut.set()
 
+    def reload_keys(self) -> None:
+        """Read the API keys again (SIGHUP): a rotated key file takes effect without a restart;
+        a file that cannot be used leaves the keys in force."""
+        try:
+            self.access.reload()
+        except (AccessError, OSError) as err:
+            logger.error("API keys not reloaded (the previous keys stay in force): %s", err)
+            return
+        logger.info("API keys reloaded: %d keys", len(self.access.keys))
+
     async def start(self) -> int:
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -399,6 +409,8 @@ async def run_server(options: ServerOptions) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.engine_died.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for waiting in waits:
