@@ -63,9 +63,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     )
     p.add_argument(
         "--llm-base-url",
+        action="append",
         default=None,
         help="use an OpenAI-compatible server (vllm serve, llama.cpp, Ollama) instead\n"
-        "of the in-process engine, e.g. http://127.0.0.1:8000/v1",
+        "of the in-process engine, e.g. http://127.0.0.1:8000/v1; repeat it for several\n"
+        "servers: each request goes to the one with the fewest in flight, and one that\n"
+        "fails is taken out and probed back in",
     )
     p.add_argument(
         "--llm-model",

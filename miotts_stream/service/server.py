@@ -28,6 +28,7 @@ from miotts_stream.codec.decoder import RELEASED_CONFIGS
 from miotts_stream.demo_model import DEFAULT_ARCH, ensure_demo_model, is_demo_model
 from miotts_stream.llm import (
     EngineState,
+    LLMRouter,
     OpenAITokenSource,
     RestartPolicy,
     TokenSource,
@@ -67,7 +68,8 @@ class ServerOptions:
     max_streams: int = 16
     presets_dirs: list[str] = field(default_factory=list)
     default_voice: str = "en_female"
-    llm_base_url: str | None = None
+    # One OpenAI-compatible server, or several (a list): then requests are routed among them.
+    llm_base_url: str | list[str] | None = None
     llm_model: str | None = None
     llm_api_key: str | None = None
     # A stand-in LLM (random codes at this rate per request) for load tests; not speech.
@@ -181,14 +183,19 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         model_name = source.name
         random_parts.append("speech LLM stand-in")
     elif options.llm_base_url:
-        source = OpenAITokenSource(
-            options.llm_base_url,
-            model=options.llm_model,
-            api_key=options.llm_api_key,
-            # Each stream holds one streamed completion at a time; a few spare for listing.
-            max_connections=options.max_streams + 8,
-        )
-        model_name = f"{options.llm_model or '(server default)'} at {options.llm_base_url}"
+        urls = options.llm_base_url
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        # Each stream holds one streamed completion at a time; a few spare for listing.
+        remote = {
+            "model": options.llm_model,
+            "api_key": options.llm_api_key,
+            "max_connections": options.max_streams + 8,
+        }
+        if len(urls) > 1:
+            source = LLMRouter(urls, **remote)
+        else:
+            source = OpenAITokenSource(urls[0], **remote)
+        model_name = f"{options.llm_model or '(server default)'} at {', '.join(urls)}"
     else:
         model = options.model
         if model is None:
@@ -298,6 +305,8 @@ class MioTTSServer:
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
         self.metrics.watch_decoder(self.engine.scheduler)
+        if isinstance(self.engine.source, LLMRouter):
+            self.metrics.watch_llm_servers(self.engine.source.servers)
         self._lag_watch = asyncio.get_running_loop().create_task(
             self.metrics.watch_event_loop(), name="event-loop-lag"
         )
