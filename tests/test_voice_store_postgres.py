@@ -15,6 +15,7 @@ from miotts_stream.voices import (
     VoiceNotFound,
     VoiceRecord,
     VoiceStoreUnavailable,
+    export_embedding,
     open_voice_store,
 )
 from miotts_stream.voices.postgres import PostgresVoiceStore
@@ -146,3 +147,20 @@ def test_voice_store_specs(tmp_path):
         open_voice_store("mysql://x/y")
     with pytest.raises(ValueError, match="names no file"):
         open_voice_store("sqlite://")
+
+
+def test_the_command_line_works_on_the_shared_store(postgres_url, tmp_path, capsys):
+    from miotts_stream.voices.__main__ import run
+
+    path = export_embedding(record("x", 7).embedding, tmp_path / "v.pt")
+    imported = ["import", "--id", "cli-voice", "--file", str(path)]
+    assert run(["--voice-store", postgres_url, *imported]) == 0
+    assert run(["--voice-store", postgres_url, "list"]) == 0
+    assert "cli-voice" in capsys.readouterr().out
+    store = open_voice_store(postgres_url)  # what a server on the same database sees
+    try:
+        assert torch.equal(store.get("cli-voice").embedding, record("x", 7).embedding)
+        assert run(["--voice-store", postgres_url, "delete", "--id", "cli-voice"]) == 0
+        assert "cli-voice" not in store
+    finally:
+        store.close()

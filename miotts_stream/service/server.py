@@ -193,6 +193,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         }
         if len(urls) > 1:
             source = LLMRouter(urls, **remote)
+            source.start()  # health checks from now, not from the first request
         else:
             source = OpenAITokenSource(urls[0], **remote)
         model_name = f"{options.llm_model or '(server default)'} at {', '.join(urls)}"
