@@ -394,7 +394,7 @@ class MioTTSServer:
             self._lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_watch
-        self.voices.close()
+        await asyncio.to_thread(self.voices.close)  # a database pool joins its threads
         await self.engine.close()
         self.metrics.close()
 
