@@ -286,3 +286,32 @@ async def scrape(port: int) -> str:
         session.get(f"http://127.0.0.1:{port}/metrics") as response,
     ):
         return await response.text()
+
+
+async def test_a_server_failing_requests_with_500_is_taken_out_and_the_request_moves(
+    standins, unused_tcp_port
+):
+    """A server that is up (its health check answers) but fails every completion."""
+    from aiohttp import web
+
+    async def fail(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "engine dead"}}, status=500)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.add_routes([web.post("/v1/chat/completions", fail), web.get("/v1/models", models)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    broken = f"http://127.0.0.1:{unused_tcp_port}/v1"
+    router = LLMRouter([broken, standins[1].url], model="m", health_interval_s=60.0)
+    try:
+        stream = router.stream("Hello there.", SHORT)
+        assert len(await asyncio.wait_for(collect(stream), 30)) == 3
+        assert stream.server is router.servers[1]
+        assert router.servers[0].failures == 1 and "HTTP 500" in router.servers[0].last_error
+    finally:
+        await router.close()
+        await runner.cleanup()

@@ -272,6 +272,10 @@ class OpenAITokenStream(TokenStream):
             response.release()
             if response.status in RETRYABLE_STATUSES:
                 raise _RetryableError(f"HTTP {response.status}: {detail}")
+            if response.status >= 500:  # the server's fault, not the request's
+                raise LLMError(
+                    f"{source.chat_url} failed on the request (HTTP {response.status}): {detail}"
+                )
             raise LLMRequestError(
                 f"{source.chat_url} refused the request (HTTP {response.status}): {detail}"
             )

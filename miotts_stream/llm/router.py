@@ -6,7 +6,7 @@ speech requests differ in length by orders of magnitude: a server holding long u
 should not get every other request.
 
 A server is taken out when a request to it fails before its first token (connection refused,
-timeout, 429/502/503/504) or when its health check fails (`GET /v1/models`, every
+timeout, HTTP 429 or 5xx) or when its health check fails (`GET /v1/models`, every
 `health_interval_s`). While out it is probed with a doubling delay (`probe_min_s` up to
 `probe_max_s`) and put back on its first good answer. A request that fails before its first
 token is sent to another server at once: nothing of it reached the client yet. One that fails
