@@ -182,3 +182,18 @@ async def test_an_unreachable_store_is_unavailable_and_presets_still_speak(
     assert await status_of(b.GetVoice(tts_pb2.GetVoiceRequest(voice_id="anyone"))) == (
         grpc.StatusCode.NOT_FOUND
     )
+
+
+async def test_a_replica_whose_database_is_unreachable_does_not_start(tmp_path, tiny_wavlm):
+    from miotts_stream.voices import VoiceStoreUnavailable
+
+    missing = f"postgresql://miotts@/voices?host={tmp_path}&connect_timeout=1"  # no socket
+    options = replica_options(missing, str(tmp_path), str(tiny_wavlm))
+    engine = await build_engine(options)
+    server = MioTTSServer(engine, options)
+    try:
+        with pytest.raises(VoiceStoreUnavailable, match="cannot reach"):
+            await server.start()
+        assert server.port == 0  # it never bound its port
+    finally:
+        await engine.close()

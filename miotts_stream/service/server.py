@@ -256,9 +256,9 @@ class MioTTSServer:
         # Set when the engine died for good (restarts off: --exit-on-engine-death).
         self.engine_died = asyncio.Event()
         self._health_updates: set[asyncio.Task] = set()
-        # Checked now (a bad --data-dir, --voice-store or limit fails at start); the encoder
-        # loads on first use.
-        store = open_voice_store(options.voice_store, options.data_dir)
+        # Checked now (a bad --data-dir, --voice-store or limit fails at start; a database
+        # connects in start(), off the event loop); the encoder loads on first use.
+        store = open_voice_store(options.voice_store, options.data_dir, connect=False)
         logger.info("voice store: %s", store.describe())
         self.voices = VoiceRegistry(
             store,
@@ -285,6 +285,7 @@ class MioTTSServer:
         logger.info("API keys reloaded: %d keys", len(self.access.keys))
 
     async def start(self) -> int:
+        await asyncio.to_thread(self.voices.store.open)
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

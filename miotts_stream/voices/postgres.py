@@ -65,9 +65,18 @@ class PostgresVoiceStore(VoiceStore):
     max_connections: the pool's size; voice calls are short, so a few serve many streams.
     connect_timeout_s: longest wait for a connection (at start, and for each call); None
         takes the URI's `connect_timeout` parameter, else 5 s.
+    connect: connect (and create the table) now; False leaves that to `open()`, for a caller
+        that runs it off its event loop.
     """
 
-    def __init__(self, url: str, max_connections: int = 4, connect_timeout_s: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        max_connections: int = 4,
+        connect_timeout_s: float | None = None,
+        *,
+        connect: bool = True,
+    ):
         try:
             import psycopg
             from psycopg_pool import ConnectionPool, PoolClosed
@@ -93,9 +102,16 @@ class PostgresVoiceStore(VoiceStore):
             open=False,
             name="miotts-voices",
         )
+        self._connect_timeout_s = connect_timeout_s
+        if connect:
+            self.open()
+
+    def open(self) -> None:
+        """Connect (VoiceStoreUnavailable if the database cannot be reached in time) and make
+        the table if it is missing."""
         try:
             with self._reachable():
-                self._pool.open(wait=True, timeout=connect_timeout_s)
+                self._pool.open(wait=True, timeout=self._connect_timeout_s)
             with self._connection() as db:
                 db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                 db.execute(_SCHEMA)

@@ -115,6 +115,10 @@ class VoiceStore(abc.ABC):
         """Where the voices live, for logs (never a password)."""
         return type(self).__name__
 
+    def open(self) -> None:  # noqa: B027 (optional hook)
+        """Connect and prepare, blocking; for a store made with `open_voice_store(...,
+        connect=False)`, which leaves this to be run off the event loop."""
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Let go of connections; the store is not used afterwards."""
 
@@ -227,7 +231,9 @@ class SQLiteVoiceStore(VoiceStore):
         return [self._record(row) for row in rows]
 
 
-def open_voice_store(spec: str | None, data_dir: str | Path = DEFAULT_DATA_DIR) -> VoiceStore:
+def open_voice_store(
+    spec: str | None, data_dir: str | Path = DEFAULT_DATA_DIR, *, connect: bool = True
+) -> VoiceStore:
     """The store a `--voice-store` value names.
 
     None or "": SQLite in `data_dir` (the embedded default, one machine).
@@ -235,6 +241,7 @@ def open_voice_store(spec: str | None, data_dir: str | Path = DEFAULT_DATA_DIR) 
     e.g. sqlite:///var/lib/miotts/voices.sqlite3.
     "postgresql://..." (or "postgres://"): a PostgreSQL database shared by replicas; the value
     is a libpq connection URI (user, password, host, port, database, sslmode, ...).
+    connect=False: a database store connects only when `open()` is called.
     """
     if not spec:
         return SQLiteVoiceStore(data_dir)
@@ -248,7 +255,7 @@ def open_voice_store(spec: str | None, data_dir: str | Path = DEFAULT_DATA_DIR) 
     if sep and scheme in ("postgresql", "postgres"):
         from .postgres import PostgresVoiceStore
 
-        return PostgresVoiceStore(spec)
+        return PostgresVoiceStore(spec, connect=connect)
     raise ValueError(
         f"--voice-store: {scheme if sep else spec!r} is not a known store "
         "(postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH)"
