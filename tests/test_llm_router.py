@@ -315,3 +315,22 @@ async def test_a_server_failing_requests_with_500_is_taken_out_and_the_request_m
     finally:
         await router.close()
         await runner.cleanup()
+
+
+async def test_with_every_server_out_a_request_that_works_puts_its_server_back(standins):
+    # Probes a minute apart: only the request can bring a server back here.
+    router = LLMRouter([s.url for s in standins], probe_min_s=60.0, probe_max_s=60.0)
+    try:
+        for standin in standins:
+            standin.kill()
+        with pytest.raises(LLMUnavailableError):
+            await asyncio.wait_for(collect(router.stream("Hello there.", SHORT)), 30)
+        assert not any(s.up for s in router.servers)
+
+        await standins[1].start()
+        stream = router.stream("Hello there.", SHORT)
+        assert len(await asyncio.wait_for(collect(stream), 30)) == 3
+        assert stream.server is router.servers[1] and router.servers[1].up
+        assert not router.servers[0].up
+    finally:
+        await router.close()

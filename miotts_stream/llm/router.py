@@ -171,24 +171,25 @@ class LLMRouter:
             return None
         return min(candidates, key=lambda s: (s.in_flight, s.requests))
 
-    def server_failed(self, server: LLMServer, reason: str) -> None:
-        """A request to `server` or its health check failed: take it out (or, already out,
-        wait longer before the next probe)."""
+    def server_failed(self, server: LLMServer, reason: str, *, probe: bool = False) -> None:
+        """A request to `server` or a health check (`probe`) failed: take the server out; if
+        it is out already, a failed probe doubles the wait before the next one."""
         server.failures += 1
         server.last_error = reason
         if server.up:
             server.up = False
             server.probe_delay_s = self.probe_min_s
             logger.warning("speech LLM server %s taken out: %s", server.url, reason)
-        else:
+            server.state_changed.set()  # its watcher starts probing
+        elif probe:
             server.probe_delay_s = min(self.probe_max_s, 2 * server.probe_delay_s)
-        server.state_changed.set()
 
     def server_ok(self, server: LLMServer) -> None:
+        """A health check passed, or a request got its first code: the server serves."""
         if not server.up:
             server.up = True
             logger.info("speech LLM server %s back in service", server.url)
-        server.state_changed.set()
+            server.state_changed.set()  # its watcher goes back to the health interval
 
     async def _watch(self, server: LLMServer) -> None:
         """Checks a server in service every health_interval_s; probes one that is out with a
@@ -205,7 +206,7 @@ class LLMRouter:
             if problem is None:
                 self.server_ok(server)
             else:
-                self.server_failed(server, f"health check: {problem}")
+                self.server_failed(server, f"health check: {problem}", probe=True)
 
 
 class RoutedTokenStream(TokenStream):
@@ -263,6 +264,8 @@ class RoutedTokenStream(TokenStream):
                 continue
             self.dropped_tokens = self._dropped_before + inner.dropped_tokens
             if codes:
+                if not self._received_code and not server.up:
+                    self._router.server_ok(server)  # tried while out (all were), and it works
                 self._received_code = True
                 self._pending.extend(codes)
             else:

@@ -56,6 +56,7 @@ _COLUMNS = (
 # can both find no table and one fails on the catalog's unique index.
 _SCHEMA_LOCK_KEY = 0x4D696F54  # "MioT"
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+RECONNECT_WINDOW_S = 5.0
 
 
 class PostgresVoiceStore(VoiceStore):
@@ -99,6 +100,10 @@ class PostgresVoiceStore(VoiceStore):
             kwargs={"connect_timeout": max(1, round(connect_timeout_s))},
             # A connection the server dropped (restart, failover) is replaced, not handed out.
             check=ConnectionPool.check_connection,
+            # The pool retries a failed connection with a doubling delay for this long, then
+            # gives up until the next call asks again: once the database is back, calls get
+            # connections again within about this time (psycopg's default is 5 minutes).
+            reconnect_timeout=RECONNECT_WINDOW_S,
             open=False,
             name="miotts-voices",
         )
