@@ -269,6 +269,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         default=None,
         help="file of keys, one per line: KEY [name=NAME] [max_streams=N]",
     )
+    access.add_argument(
+        "--api-keys-db",
+        default=None,
+        help="postgresql://... : keys shared by replicas (manage them with\n"
+        "python -m miotts_stream.service.key_store); read again every 30 s and on SIGHUP",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = p.parse_args(argv)
     logging.basicConfig(

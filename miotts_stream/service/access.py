@@ -16,6 +16,7 @@ key file that every replica mounts (one secret) is rotated on all of them withou
 from __future__ import annotations
 
 import abc
+import hashlib
 import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,17 @@ UNAUTHENTICATED_MESSAGE = (
 @dataclass(frozen=True)
 class ApiKey:
     name: str  # what logs and metrics show
-    secret: str = field(repr=False)
+    # SHA-256 of the key: what is compared, and all a shared key store keeps of it.
+    digest: bytes = field(repr=False)
     max_streams: int | None = None  # None: only the server's --max-streams applies
+
+    @classmethod
+    def from_secret(cls, name: str, secret: str, max_streams: int | None = None) -> ApiKey:
+        return cls(name, key_digest(secret), max_streams)
+
+
+def key_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
 
 
 class AccessError(ValueError):
@@ -59,13 +69,15 @@ def parse_key_line(line: str, default_name: str) -> ApiKey | None:
             raise AccessError(f"{default_name}: unknown option {key!r} (name, max_streams)")
     if len(secret) < 8:
         raise AccessError(f"{default_name}: a key must have at least 8 characters")
-    return ApiKey(name, secret, max_streams)
+    return ApiKey.from_secret(name, secret, max_streams)
 
 
 class KeySource(abc.ABC):
     """Where API keys come from. Replicas share keys by sharing the source: the same key file
-    on every replica (a mounted secret, see docs/voice-store.md); a database-backed source
-    would implement the same method."""
+    on every replica (a mounted secret), or one database (`key_store.PostgresKeySource`); see
+    docs/voice-store.md."""
+
+    changes = False  # True: read it again periodically (keys added elsewhere)
 
     @abc.abstractmethod
     def load(self) -> list[ApiKey]:
@@ -108,11 +120,23 @@ class AccessPolicy:
     sources: list[KeySource] = field(default_factory=list, repr=False)
 
     @classmethod
-    def from_options(cls, api_keys: list[str], api_keys_file: str | None) -> AccessPolicy:
+    def from_options(
+        cls, api_keys: list[str], api_keys_file: str | None, api_keys_db: str | None = None
+    ) -> AccessPolicy:
         sources: list[KeySource] = [FlagKeys(tuple(api_keys))]
         if api_keys_file:
             sources.append(KeyFile(Path(api_keys_file)))
+        if api_keys_db:
+            from .key_store import PostgresKeySource
+
+            sources.append(PostgresKeySource(api_keys_db))
         return cls.from_sources(sources)
+
+    @property
+    def changes(self) -> bool:
+        """Whether a source can change by itself (a database), so it is worth reading again
+        from time to time; a file changes only with a SIGHUP."""
+        return any(source.changes for source in self.sources)
 
     @classmethod
     def from_sources(cls, sources: list[KeySource]) -> AccessPolicy:
@@ -127,7 +151,7 @@ class AccessPolicy:
         names = [k.name for k in keys]
         if len(set(names)) != len(names):
             raise AccessError("API key names must be unique")
-        if len({k.secret for k in keys}) != len(keys):
+        if len({k.digest for k in keys}) != len(keys):
             raise AccessError("the same API key is given twice")
         if self.keys and not keys:
             raise AccessError("a reload found no keys; the service stays closed")
@@ -140,15 +164,16 @@ class AccessPolicy:
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The key an `authorization` value carries ("Bearer KEY"), or None.
 
-        Every configured key is compared, each in constant time, whatever matched earlier, so
-        the time taken says nothing about which key or how much of it was right.
+        The presented key's SHA-256 is compared with every configured key's, each in constant
+        time, whatever matched earlier, so the time taken says nothing about which key or how
+        much of it was right.
         """
         if authorization is None or authorization[: len(BEARER)].lower() != BEARER:
-            presented = b""
+            presented = key_digest("")  # matches no key (keys have 8 characters or more)
         else:
-            presented = authorization[len(BEARER) :].strip().encode()
+            presented = key_digest(authorization[len(BEARER) :].strip())
         found = None
         for key in self.keys:
-            if hmac.compare_digest(presented, key.secret.encode()) and found is None:
+            if hmac.compare_digest(presented, key.digest) and found is None:
                 found = key
         return found

@@ -108,6 +108,8 @@ class ServerOptions:
     tls_client_ca: str | None = None  # set: clients must present a certificate it signed
     api_keys: list[str] = field(default_factory=list, repr=False)
     api_keys_file: str | None = None
+    api_keys_db: str | None = field(default=None, repr=False)  # postgresql://... (shared keys)
+    api_keys_refresh_s: float = 30.0  # how often keys from --api-keys-db are read again
 
     def session_limits(self) -> SessionLimits:
         return SessionLimits(
@@ -246,7 +248,10 @@ class MioTTSServer:
         self.engine = engine
         self.options = options
         self.metrics = ServiceMetrics()
-        self.access = AccessPolicy.from_options(options.api_keys, options.api_keys_file)
+        self.access = AccessPolicy.from_options(
+            options.api_keys, options.api_keys_file, options.api_keys_db
+        )
+        self._key_refresh: asyncio.Task | None = None
         self.credentials = options.server_credentials()
         self.grpc = grpc.aio.server(options=options.grpc_options())
         self.health = health.aio.HealthServicer()
@@ -277,12 +282,25 @@ class MioTTSServer:
     def reload_keys(self) -> None:
         """Read the API keys again (SIGHUP): a rotated key file takes effect without a restart;
         a file that cannot be used leaves the keys in force."""
+        task = asyncio.get_running_loop().create_task(self.refresh_keys())
+        self._health_updates.add(task)  # held until done, like the health updates
+        task.add_done_callback(self._health_updates.discard)
+
+    async def refresh_keys(self) -> bool:
+        """Read the API keys again now; False (logged) if they could not be read."""
         try:
-            self.access.reload()
+            await asyncio.to_thread(self.access.reload)  # a key database is read off the loop
         except (AccessError, OSError) as err:
             logger.error("API keys not reloaded (the previous keys stay in force): %s", err)
-            return
-        logger.info("API keys reloaded: %d keys", len(self.access.keys))
+            return False
+        logger.debug("API keys reloaded: %d keys", len(self.access.keys))
+        return True
+
+    async def _refresh_keys(self) -> None:
+        """Runs while serving when keys come from a database: read them again periodically."""
+        while True:
+            await asyncio.sleep(self.options.api_keys_refresh_s)
+            await self.refresh_keys()
 
     async def start(self) -> int:
         await asyncio.to_thread(self.voices.store.open)
@@ -312,6 +330,10 @@ class MioTTSServer:
         self._lag_watch = asyncio.get_running_loop().create_task(
             self.metrics.watch_event_loop(), name="event-loop-lag"
         )
+        if self.access.changes and self.options.api_keys_refresh_s > 0:
+            self._key_refresh = asyncio.get_running_loop().create_task(
+                self._refresh_keys(), name="api-key-refresh"
+            )
         security = "plaintext"
         if self.credentials is not None:
             security = "TLS, client certificates required" if self.options.tls_client_ca else "TLS"
@@ -391,10 +413,11 @@ class MioTTSServer:
         """Drain for up to `grace` seconds, then cancel what is left and close everything."""
         await self.drain(grace)
         await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
-        if self._lag_watch is not None:
-            self._lag_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_watch
+        for task in (self._lag_watch, self._key_refresh):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.to_thread(self.voices.close)  # a database pool joins its threads
         await self.engine.close()
         self.metrics.close()
