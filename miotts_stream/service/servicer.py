@@ -21,7 +21,7 @@ from miotts_stream.audio.encoders import Encoding, output_rate
 from miotts_stream.codec.streaming import StreamingOptions
 from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
 from miotts_stream.llm import SamplingOptions
-from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord
+from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord, VoiceStoreUnavailable
 from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
 
 from .access import UNAUTHENTICATED_MESSAGE, AccessPolicy, ApiKey
@@ -198,6 +198,9 @@ def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> No
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+_STORE_DOWN = "the voice store is unreachable now; retry later"
 
 
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
@@ -547,6 +550,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}") from None
         except EncoderUnavailable as err:
             raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
+        except VoiceStoreUnavailable as err:
+            logger.warning("voice store: %s", err)
+            raise SessionError(ErrorCode.UNAVAILABLE, "voice.voice_id: " + _STORE_DOWN) from None
         except ValueError as err:  # BadAudio
             reason = str(err).removeprefix("audio: ")
             raise _invalid(f"voice.reference_audio: {reason}") from None
@@ -595,6 +601,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(err)
         except EncoderUnavailable as err:
             code, message = grpc.StatusCode.UNAVAILABLE, str(err)
+        except VoiceStoreUnavailable as err:
+            logger.warning("%s: %s", method, err)  # the database's address stays in the log
+            code, message = grpc.StatusCode.UNAVAILABLE, _STORE_DOWN
         except ValueError as err:  # a bad id, name or language, or unusable audio (BadAudio)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
         except Exception:
@@ -635,7 +644,14 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             await self._abort(context, "ListVoices", err)
         voices = [self._preset_info(name) for name in self.engine.voices.names()]
         if self.voices is not None:
-            voices += [self._voice_info(record) for record in await self.voices.list()]
+            try:
+                stored = await self.voices.list()
+            except VoiceStoreUnavailable as err:
+                logger.warning("ListVoices: %s", err)
+                await self._abort(
+                    context, "ListVoices", SessionError(ErrorCode.UNAVAILABLE, _STORE_DOWN), key
+                )
+            voices += [self._voice_info(record) for record in stored]
         self._count("ListVoices", ErrorCode.OK, key)
         return tts_pb2.ListVoicesResponse(
             voices=voices,
