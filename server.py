@@ -66,9 +66,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     )
     p.add_argument(
         "--llm-base-url",
+        action="append",
         default=None,
         help="use an OpenAI-compatible server (vllm serve, llama.cpp, Ollama) instead\n"
-        "of the in-process engine, e.g. http://127.0.0.1:8000/v1",
+        "of the in-process engine, e.g. http://127.0.0.1:8000/v1; repeat it for several\n"
+        "servers: each request goes to the one with the fewest in flight, and one that\n"
+        "fails is taken out and probed back in",
     )
     p.add_argument(
         "--llm-model",
@@ -147,6 +150,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         default=d.data_dir,
         help=f"folder of the voice store, shared with python -m miotts_stream.voices\n"
         f"(default {d.data_dir}/)",
+    )
+    voices.add_argument(
+        "--voice-store",
+        default=None,
+        help="where stored voices live: postgresql://USER:PASSWORD@HOST:PORT/DB for a\n"
+        "database shared by replicas, or sqlite:///PATH/FILE (default: SQLite in --data-dir)",
     )
     voices.add_argument(
         "--ssl-model",
@@ -231,6 +240,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         f"cancelled (default {d.drain_timeout_s:g})",
     )
     limits.add_argument(
+        "--drain-notice-s",
+        type=float,
+        default=d.drain_notice_s,
+        help="on SIGTERM/SIGINT, health turns NOT_SERVING at once but new streams are still\n"
+        "taken for this long, so that a load balancer's health check takes the replica out\n"
+        f"before it refuses any; then the drain (default {d.drain_notice_s:g})",
+    )
+    limits.add_argument(
         "--keepalive-time-s",
         type=float,
         default=d.keepalive_time_s,
@@ -269,6 +286,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         "--api-keys-file",
         default=None,
         help="file of keys, one per line: KEY [name=NAME] [max_streams=N]",
+    )
+    access.add_argument(
+        "--api-keys-db",
+        default=None,
+        help="postgresql://... : keys shared by replicas (manage them with\n"
+        "python -m miotts_stream.service.key_store); read again every 30 s and on SIGHUP",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = p.parse_args(argv)

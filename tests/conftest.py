@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .postgres_server import postgres_server, postgres_url  # noqa: F401 (shared fixtures)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 MIOCODEC = FIXTURES / "miocodec"
 TINY_CODECS = {"24khz": MIOCODEC / "tiny-24khz", "44khz": MIOCODEC / "tiny-44khz"}

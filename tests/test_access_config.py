@@ -57,3 +57,26 @@ def test_tls_options_go_together(tmp_path):
 )  # fmt: skip
 def test_plaintext_warning_applies_off_loopback(host, loopback):
     assert is_loopback(host) is loopback
+
+
+def test_a_rotated_key_file_is_read_again_and_a_broken_one_changes_nothing(tmp_path):
+    """Replicas share keys through one file (a mounted secret); SIGHUP calls reload()."""
+    path = tmp_path / "keys"
+    path.write_text("old-key-123 name=ops\n")
+    policy = AccessPolicy.from_options([], str(path))
+    assert policy.authenticate("Bearer old-key-123").name == "ops"
+
+    path.write_text("new-key-456 name=ops\n")
+    policy.reload()
+    assert policy.authenticate("Bearer old-key-123") is None
+    assert policy.authenticate("Bearer new-key-456").name == "ops"
+
+    for broken in ("# every key removed\n", "short\n"):
+        path.write_text(broken)
+        with pytest.raises(AccessError):
+            policy.reload()
+        assert policy.authenticate("Bearer new-key-456").name == "ops"  # still in force
+    path.unlink()
+    with pytest.raises(OSError):
+        policy.reload()
+    assert policy.enabled

@@ -9,6 +9,7 @@ Network faults are injected by a small TCP relay in front of the real server.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -33,15 +34,22 @@ from miotts_stream.llm.vllm_server import VLLMServer, free_port
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 TEXT = "こんにちは、今日はいい天気ですね。"
-# The tiny model's whole context: room for a long request in the abort test.
+# The tiny model's whole context.
 OPTIONS = VLLMEngineOptions(max_model_len=4096, kv_cache_gib=0.25)
+# The served copy gets a context far beyond what it can generate in the abort test's time
+# limit (RoPE has no length limit; the demo config merely says 4096), so that a request
+# there can only end by the client's abort within that limit.
+LONG_CONTEXT = 131072
+SERVER_OPTIONS = VLLMEngineOptions(max_model_len=LONG_CONTEXT, kv_cache_gib=0.25)
+SERVER_ARGS = ["--hf-overrides", json.dumps({"max_position_embeddings": LONG_CONTEXT})]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines():
     """(the `vllm serve` subprocess, an in-process source on the same model, unrestricted)."""
     model = ensure_demo_model("tiny")
-    server = VLLMServer(model, OPTIONS).start()  # boots while the local engine starts
+    # The server boots while the local engine starts.
+    server = VLLMServer(model, SERVER_OPTIONS, extra_args=SERVER_ARGS).start()
     local = None
     try:
         local = VLLMTokenSource.from_model(model, OPTIONS, restrict_to_speech=False)
@@ -147,30 +155,37 @@ async def test_cancel_aborts_the_server_request(server: VLLMServer) -> None:
     """Closing the stream aborts the request in the server: it stops running without reaching
     its length (with ignore_eos, the only other way it can end).
 
-    The server's own bookkeeping says so whatever the timing. Counting tokens against a budget
-    did not: on a busy machine the engine-core process keeps generating (fast, with the tiny
-    model) while the API-server process waits for CPU to notice the disconnect, and 950 tokens
-    of a 1800 budget were seen before the abort landed. (vLLM counts client aborts in no
-    finished_reason, so "length" unchanged is the check.) The budget is the model's whole
-    context: on a machine so loaded that the disconnect takes longer than 4000 tokens, this
-    still fails; it did once at load average 10 on 2 cores with a 1800 budget.
+    The server's own bookkeeping says so whatever the timing. A budget the engine could reach
+    before the API-server process noticed the disconnect made this a race: on a loaded
+    machine that process waits for CPU while the engine-core process keeps generating (950
+    tokens of 1800, and once all of 4000, were seen before the abort landed). So the budget is
+    a context the tiny model cannot fill within the time the abort is given to land (it
+    generates a few hundred tokens a second here, slower as its context grows); an abort that
+    takes longer than that fails as too slow, not by chance. (vLLM counts client aborts in no
+    finished_reason, so "length" unchanged is the check.)
     """
     # ignore_eos and no runaway guard: unaborted, the request can only end by its length.
     endless = OpenAITokenSource(
         server.base_url, extra_body={"ignore_eos": True}, guard=RunawayGuard(tokens_per_char=0)
     )
     success = "vllm:request_success_total"
+    generated = "vllm:generation_tokens_total"
+    budget = LONG_CONTEXT - 1024  # the prompt is far shorter
     try:
         await no_request_running(server)  # nothing left over from earlier tests
         by_length = await server_metric(server, success, finished_reason="length")
-        stream = endless.stream(TEXT, SamplingOptions(seed=5, max_tokens=4000))
+        tokens_before = await server_metric(server, generated)
+        stream = endless.stream(TEXT, SamplingOptions(seed=5, max_tokens=budget))
         async for _ in stream:
             if stream.generated_tokens == 3:
                 break
         await stream.aclose()
         assert stream.finish_reason == "cancelled"
-        await no_request_running(server)
-        assert await server_metric(server, success, finished_reason="length") == by_length
+        await no_request_running(server, timeout_s=60)
+        tokens = await server_metric(server, generated) - tokens_before
+        assert tokens < budget
+        ended_by_length = await server_metric(server, success, finished_reason="length")
+        assert ended_by_length == by_length, f"a request ended by its length ({tokens} tokens)"
     finally:
         await endless.close()
 
@@ -202,14 +217,15 @@ async def test_unreachable_server_without_a_model_name() -> None:
 
 
 async def test_unknown_model_is_a_request_error(server: VLLMServer) -> None:
-    src = OpenAITokenSource(server.base_url, model="no-such-model", retry_delay_s=5)
+    # A retry would first wait 30 s: finishing sooner shows there was none, on any machine.
+    src = OpenAITokenSource(server.base_url, model="no-such-model", retry_delay_s=30)
     started = time.monotonic()
     try:
         with pytest.raises(LLMRequestError, match="no-such-model"):
             await collect(src)
     finally:
         await src.close()
-    assert time.monotonic() - started < 2  # not retried
+    assert time.monotonic() - started < 30  # not retried
 
 
 # ---- network faults, injected between the source and the real server ------------------------

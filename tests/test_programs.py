@@ -52,7 +52,7 @@ def test_server_flags_map_to_options():
     )
     assert (options.model, options.codec, options.device, options.port) == ("m", "c", "cpu", 6000)
     assert options.max_streams == 3 and options.presets_dirs == ["a", "b"]
-    assert options.llm_base_url == "http://x/v1" and options.kv_cache_gib == 0.5
+    assert options.llm_base_url == ["http://x/v1"] and options.kv_cache_gib == 0.5
     assert options.enforce_eager and options.metrics_port is None and options.max_batch == 4
     defaults = server.parse_args([])
     assert defaults.model is None and defaults.codec is None  # the built-in default

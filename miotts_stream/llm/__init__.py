@@ -1,7 +1,8 @@
 """Speech tokens from an LLM: one interface, an async stream of MioCodec codes per request.
 
 Sources: `VLLMTokenSource` (vLLM's engine in this process: token ids, sampling restricted to
-speech tokens) and `OpenAITokenSource` (a server the user runs: `vllm serve`, llama.cpp, Ollama).
+speech tokens), `OpenAITokenSource` (a server the user runs: `vllm serve`, llama.cpp, Ollama)
+and `LLMRouter` (several such servers: least in flight, failover, health probes).
 """
 
 from .base import (
@@ -19,6 +20,7 @@ from .base import (
     token_budget,
 )
 from .openai_source import OpenAITokenSource, OpenAITokenStream
+from .router import LLMRouter, LLMServer
 from .speech_tokens import SpeechTextParser, SpeechVocabulary
 from .vllm_source import (
     ModelConfigError,
@@ -36,6 +38,8 @@ __all__ = [
     "EngineState",
     "LLMError",
     "LLMRequestError",
+    "LLMRouter",
+    "LLMServer",
     "LLMUnavailableError",
     "ModelConfigError",
     "OpenAITokenSource",

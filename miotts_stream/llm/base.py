@@ -23,7 +23,9 @@ class LLMError(Exception):
 
 
 class LLMUnavailableError(LLMError):
-    """The LLM could not be reached or did not answer in time, before any token came.
+    """The LLM could not be reached or did not answer in time, before any token came; or
+    (`LLMRouter`) the server serving a request went away mid-stream, so the client should
+    retry the whole request (it will be sent to another server).
 
     `client_message`, when set, says why in words fit for a client (no addresses, no engine
     internals); otherwise transports use a generic message.

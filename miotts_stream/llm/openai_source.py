@@ -177,6 +177,19 @@ class OpenAITokenSource:
             logger.info("speech LLM model from %s: %s", self.models_url, self.model)
             return self.model
 
+    async def check_health(self, timeout_s: float = 2.0) -> str | None:
+        """Asks the server whether it serves (`GET /v1/models`, which vLLM, llama.cpp, Ollama
+        and the stand-in all answer once a model is loaded): None if it does, else why not."""
+        try:
+            async with self._client().get(
+                self.models_url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                if response.status == 200:
+                    return None
+                return f"HTTP {response.status}: {_error_message(await response.text())}"
+        except (aiohttp.ClientError, TimeoutError) as err:
+            return str(err) or type(err).__name__
+
     def request_body(
         self, model: str, normalized_text: str, options: SamplingOptions, max_tokens: int
     ) -> dict[str, Any]:
@@ -259,6 +272,10 @@ class OpenAITokenStream(TokenStream):
             response.release()
             if response.status in RETRYABLE_STATUSES:
                 raise _RetryableError(f"HTTP {response.status}: {detail}")
+            if response.status >= 500:  # the server's fault, not the request's
+                raise LLMError(
+                    f"{source.chat_url} failed on the request (HTTP {response.status}): {detail}"
+                )
             raise LLMRequestError(
                 f"{source.chat_url} refused the request (HTTP {response.status}): {detail}"
             )

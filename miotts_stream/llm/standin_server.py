@@ -2,10 +2,11 @@
 
     python -m miotts_stream.llm.standin_server --port 8000 --rate 50 [--prefill-ms 15]
 
-Serves `GET /v1/models`, streamed `POST /v1/chat/completions` (server-sent events shaped like
-vLLM's, the speech codes as `<|s_N|>` text) and `GET /metrics` with the number of requests
-running. Codes come at the stand-in's fixed rate per request (see `standin.StandInPacing`); codes
-that fell due together go out in one event, as a real server does for a slow reader.
+Serves `GET /v1/models`, `GET /health`, streamed `POST /v1/chat/completions` (server-sent
+events shaped like vLLM's, the speech codes as `<|s_N|>` text) and `GET /metrics` with the
+number of requests running. Codes come at the stand-in's fixed rate per request (see
+`standin.StandInPacing`); codes that fell due together go out in one event, as a real server
+does for a slow reader.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class StandInServer:
         self.app.add_routes(
             [
                 web.get("/v1/models", self.models),
+                web.get("/health", self.health),
                 web.post("/v1/chat/completions", self.chat),
                 web.get("/metrics", self.metrics),
             ]
@@ -42,6 +44,9 @@ class StandInServer:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL_NAME}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")  # as vLLM's /health: 200 while it serves
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = f"standin_requests_running {self.running}\nstandin_requests_total {self.total}\n"

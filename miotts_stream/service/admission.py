@@ -19,7 +19,7 @@ from miotts_stream.audio.encoders import Encoding, output_rate
 from miotts_stream.codec.streaming import StreamingOptions
 from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
 from miotts_stream.llm import SamplingOptions
-from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord
+from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord, VoiceStoreUnavailable
 from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
 
 from .access import UNAUTHENTICATED_MESSAGE, AccessPolicy, ApiKey
@@ -80,20 +80,29 @@ def invalid(message: str) -> SessionError:
     return SessionError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def voice_error_code(err: Exception) -> ErrorCode | None:
-    """The status of a voice store / cloning failure, None for an unexpected exception."""
+# What a client hears when the voice store is down (the database's address stays in the log).
+STORE_DOWN = "the voice store is unreachable now; retry later"
+
+
+def voice_error(err: Exception) -> SessionError | None:
+    """A voice store / cloning failure as the error the client gets, None for an unexpected
+    exception (a bug: the caller logs it and answers INTERNAL)."""
     if isinstance(err, SessionError):
-        return err.code
-    if isinstance(err, VoiceExists):
-        return ErrorCode.ALREADY_EXISTS
-    if isinstance(err, VoiceNotFound):
-        return ErrorCode.NOT_FOUND
-    if isinstance(err, PresetVoice):
-        return ErrorCode.FAILED_PRECONDITION
-    if isinstance(err, EncoderUnavailable):
-        return ErrorCode.UNAVAILABLE
-    if isinstance(err, ValueError):  # a bad id, name or language, or unusable audio (BadAudio)
-        return ErrorCode.INVALID_ARGUMENT
+        return err
+    if isinstance(err, VoiceStoreUnavailable):
+        logger.warning("voice store: %s", err)
+        return SessionError(ErrorCode.UNAVAILABLE, STORE_DOWN)
+    codes = (
+        (VoiceExists, ErrorCode.ALREADY_EXISTS),
+        (VoiceNotFound, ErrorCode.NOT_FOUND),
+        (PresetVoice, ErrorCode.FAILED_PRECONDITION),
+        (EncoderUnavailable, ErrorCode.UNAVAILABLE),
+        # a bad id, name or language, or unusable audio (BadAudio)
+        (ValueError, ErrorCode.INVALID_ARGUMENT),
+    )
+    for kind, code in codes:
+        if isinstance(err, kind):
+            return SessionError(code, str(err))
     return None
 
 
@@ -111,14 +120,17 @@ class Admission:
         self.default_voice = default_voice
         self.voices = voices  # stored voices and cloning; None: presets and embeddings only
         self.access = access or AccessPolicy()
-        self.draining = False  # set on shutdown: new streams are refused, open ones finish
+        # After a signal: health NOT_SERVING from then on (during --drain-notice-s new streams
+        # are still taken); then draining: new streams are refused, open ones finish.
+        self.stopping = False
+        self.draining = False
         self.engine_serving = True  # False while an in-process engine restarts (health)
         self.streams_by_key: Counter[str] = Counter()
 
     @property
     def serving(self) -> bool:
         """What health checks report: taking new streams (not draining, the engine up)."""
-        return self.engine_serving and not self.draining
+        return self.engine_serving and not self.stopping and not self.draining
 
     # ---- who -------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> ApiKey | None:
@@ -229,6 +241,9 @@ class Admission:
             raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}") from None
         except EncoderUnavailable as err:
             raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
+        except VoiceStoreUnavailable as err:
+            logger.warning("voice store: %s", err)
+            raise SessionError(ErrorCode.UNAVAILABLE, f"voice.voice_id: {STORE_DOWN}") from None
         except ValueError as err:  # BadAudio
             reason = str(err).removeprefix("audio: ")
             raise invalid(f"voice.reference_audio: {reason}") from None
@@ -301,7 +316,12 @@ class Admission:
     async def list_voices(self) -> tts_pb2.ListVoicesResponse:
         voices = [self.preset_info(name) for name in self.engine.voices.names()]
         if self.voices is not None:
-            voices += [self.voice_info(record) for record in await self.voices.list()]
+            try:
+                stored = await self.voices.list()
+            except VoiceStoreUnavailable as err:
+                logger.warning("listing voices: %s", err)
+                raise SessionError(ErrorCode.UNAVAILABLE, STORE_DOWN) from None
+            voices += [self.voice_info(record) for record in stored]
         return tts_pb2.ListVoicesResponse(
             voices=voices,
             sample_rate_hz=self.engine.decoder.sample_rate,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class ServiceMetrics:
@@ -64,6 +66,11 @@ class ServiceMetrics:
         self.decode_steps.set_function(lambda: scheduler.steps)
         self.decode_windows.set_function(lambda: scheduler.windows_decoded)
 
+    def watch_llm_servers(self, servers: list) -> None:
+        """Export the state of each LLM server behind a router (`LLMRouter.servers`), labelled
+        by its URL: up, requests in flight, requests sent and failures."""
+        self.registry.register(_LLMServerCollector(servers))
+
     async def watch_event_loop(self, period_s: float = 0.02) -> None:
         """Runs forever: records how late each timer fires (the loop's lag)."""
         loop = asyncio.get_running_loop()
@@ -83,3 +90,32 @@ class ServiceMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _LLMServerCollector(Collector):
+    """Reads the router's per-server fields at scrape time (nothing to keep in step)."""
+
+    def __init__(self, servers: list) -> None:
+        self.servers = servers
+
+    def collect(self):
+        up = GaugeMetricFamily(
+            "miotts_llm_server_up", "1 while the LLM server is in service", labels=["server"]
+        )
+        in_flight = GaugeMetricFamily(
+            "miotts_llm_server_in_flight", "Requests on the LLM server now", labels=["server"]
+        )
+        requests = CounterMetricFamily(
+            "miotts_llm_server_requests", "Requests sent to the LLM server", labels=["server"]
+        )
+        failures = CounterMetricFamily(
+            "miotts_llm_server_failures",
+            "Failed requests and health checks of the LLM server",
+            labels=["server"],
+        )
+        for server in self.servers:
+            up.add_metric([server.url], 1.0 if server.up else 0.0)
+            in_flight.add_metric([server.url], server.in_flight)
+            requests.add_metric([server.url], server.requests)
+            failures.add_metric([server.url], server.failures)
+        yield from (up, in_flight, requests, failures)

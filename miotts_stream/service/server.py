@@ -29,6 +29,7 @@ from miotts_stream.codec.decoder import RELEASED_CONFIGS
 from miotts_stream.demo_model import DEFAULT_ARCH, ensure_demo_model, is_demo_model
 from miotts_stream.llm import (
     EngineState,
+    LLMRouter,
     OpenAITokenSource,
     RestartPolicy,
     TokenSource,
@@ -36,10 +37,10 @@ from miotts_stream.llm import (
     VLLMTokenSource,
 )
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
-from miotts_stream.voices import SQLiteVoiceStore
+from miotts_stream.voices import open_voice_store
 from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
-from .access import AccessPolicy
+from .access import AccessError, AccessPolicy
 from .admission import Admission
 from .engine import ErrorCode, SessionError, SessionLimits, SpeechEngine
 from .http import HttpOptions, HttpTransport
@@ -70,7 +71,8 @@ class ServerOptions:
     max_streams: int = 16
     presets_dirs: list[str] = field(default_factory=list)
     default_voice: str = "en_female"
-    llm_base_url: str | None = None
+    # One OpenAI-compatible server, or several (a list): then requests are routed among them.
+    llm_base_url: str | list[str] | None = None
     llm_model: str | None = None
     llm_api_key: str | None = None
     # A stand-in LLM (random codes at this rate per request) for load tests; not speech.
@@ -92,6 +94,8 @@ class ServerOptions:
     engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
     exit_on_engine_death: bool = False  # instead of restarting the engine in process
     data_dir: str = ".data"  # the voice store (SQLite), shared with the voices CLI
+    # None: SQLite in data_dir; postgresql://... : a database shared by replicas; sqlite://PATH
+    voice_store: str | None = field(default=None, repr=False)  # a URI may hold a password
     ssl_model: str | None = None  # None: wavlm-base-plus with --codec, else the random WavLM
     reference_min_seconds: float = 1.0
     reference_max_seconds: float = 30.0
@@ -100,6 +104,8 @@ class ServerOptions:
     max_stream_s: float = 600.0
     stall_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
+    # After a signal: NOT_SERVING but still taking new streams, for a load balancer to notice.
+    drain_notice_s: float = 0.0
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     # Room for reference audio to clone a voice from (up to 16 MB) plus the rest of a message.
@@ -110,6 +116,8 @@ class ServerOptions:
     tls_client_ca: str | None = None  # set: clients must present a certificate it signed
     api_keys: list[str] = field(default_factory=list, repr=False)
     api_keys_file: str | None = None
+    api_keys_db: str | None = field(default=None, repr=False)  # postgresql://... (shared keys)
+    api_keys_refresh_s: float = 30.0  # how often keys from --api-keys-db are read again
 
     def session_limits(self) -> SessionLimits:
         return SessionLimits(
@@ -199,14 +207,20 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         model_name = source.name
         random_parts.append("speech LLM stand-in")
     elif options.llm_base_url:
-        source = OpenAITokenSource(
-            options.llm_base_url,
-            model=options.llm_model,
-            api_key=options.llm_api_key,
-            # Each stream holds one streamed completion at a time; a few spare for listing.
-            max_connections=options.max_streams + 8,
-        )
-        model_name = f"{options.llm_model or '(server default)'} at {options.llm_base_url}"
+        urls = options.llm_base_url
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        # Each stream holds one streamed completion at a time; a few spare for listing.
+        remote = {
+            "model": options.llm_model,
+            "api_key": options.llm_api_key,
+            "max_connections": options.max_streams + 8,
+        }
+        if len(urls) > 1:
+            source = LLMRouter(urls, **remote)
+            source.start()  # health checks from now, not from the first request
+        else:
+            source = OpenAITokenSource(urls[0], **remote)
+        model_name = f"{options.llm_model or '(server default)'} at {', '.join(urls)}"
     else:
         model = options.model
         if model is None:
@@ -256,7 +270,10 @@ class MioTTSServer:
         self.engine = engine
         self.options = options
         self.metrics = ServiceMetrics()
-        self.access = AccessPolicy.from_options(options.api_keys, options.api_keys_file)
+        self.access = AccessPolicy.from_options(
+            options.api_keys, options.api_keys_file, options.api_keys_db
+        )
+        self._key_refresh: asyncio.Task | None = None
         self.credentials = options.server_credentials()
         self.grpc = grpc.aio.server(options=options.grpc_options())
         self.health = health.aio.HealthServicer()
@@ -268,9 +285,12 @@ class MioTTSServer:
         # Set when the engine died for good (restarts off: --exit-on-engine-death).
         self.engine_died = asyncio.Event()
         self._health_updates: set[asyncio.Task] = set()
-        # Checked now (a bad --data-dir or limit fails at start); the encoder loads on first use.
+        # Checked now (a bad --data-dir, --voice-store or limit fails at start; a database
+        # connects in start(), off the event loop); the encoder loads on first use.
+        store = open_voice_store(options.voice_store, options.data_dir, connect=False)
+        logger.info("voice store: %s", store.describe())
         self.voices = VoiceRegistry(
-            SQLiteVoiceStore(options.data_dir),
+            store,
             engine.voices,
             partial(make_encoder, options.codec, options.ssl_model, options.device),
             AudioLimits(options.reference_min_seconds, options.reference_max_seconds),
@@ -284,7 +304,31 @@ class MioTTSServer:
     def cut_drain(self) -> None:
         self._drain_cut.set()
 
+    def reload_keys(self) -> None:
+        """Read the API keys again (SIGHUP): a rotated key file takes effect without a restart;
+        a file that cannot be used leaves the keys in force."""
+        task = asyncio.get_running_loop().create_task(self.refresh_keys())
+        self._health_updates.add(task)  # held until done, like the health updates
+        task.add_done_callback(self._health_updates.discard)
+
+    async def refresh_keys(self) -> bool:
+        """Read the API keys again now; False (logged) if they could not be read."""
+        try:
+            await asyncio.to_thread(self.access.reload)  # a key database is read off the loop
+        except (AccessError, OSError) as err:
+            logger.error("API keys not reloaded (the previous keys stay in force): %s", err)
+            return False
+        logger.debug("API keys reloaded: %d keys", len(self.access.keys))
+        return True
+
+    async def _refresh_keys(self) -> None:
+        """Runs while serving when keys come from a database: read them again periodically."""
+        while True:
+            await asyncio.sleep(self.options.api_keys_refresh_s)
+            await self.refresh_keys()
+
     async def start(self) -> int:
+        await asyncio.to_thread(self.voices.store.open)
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -317,9 +361,15 @@ class MioTTSServer:
                 self.options.host, self.options.http_port, http_ssl_context(self.options)
             )
         self.metrics.watch_decoder(self.engine.scheduler)
+        if isinstance(self.engine.source, LLMRouter):
+            self.metrics.watch_llm_servers(self.engine.source.servers)
         self._lag_watch = asyncio.get_running_loop().create_task(
             self.metrics.watch_event_loop(), name="event-loop-lag"
         )
+        if self.access.changes and self.options.api_keys_refresh_s > 0:
+            self._key_refresh = asyncio.get_running_loop().create_task(
+                self._refresh_keys(), name="api-key-refresh"
+            )
         security = "plaintext"
         if self.credentials is not None:
             security = "TLS, client certificates required" if self.options.tls_client_ca else "TLS"
@@ -343,7 +393,7 @@ class MioTTSServer:
 
     def _on_engine_state(self, state: EngineState) -> None:
         """The engine's state as gRPC health: SERVING only while the engine serves."""
-        if self.admission.draining:
+        if self.admission.stopping:
             return  # shutting down: NOT_SERVING stays
         serving = state is EngineState.SERVING
         self.admission.engine_serving = serving
@@ -364,13 +414,24 @@ class MioTTSServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def drain(self, timeout_s: float | None = None) -> None:
+    async def drain(self, timeout_s: float | None = None, notice_s: float | None = None) -> None:
         """Stop taking streams (health NOT_SERVING, new streams UNAVAILABLE) and give the
-        open ones up to `timeout_s` (default --drain-timeout-s) to finish."""
+        open ones up to `timeout_s` (default --drain-timeout-s) to finish.
+
+        With `notice_s` (default --drain-notice-s), health turns NOT_SERVING first and new
+        streams are still served for that long: a load balancer that routes by health stops
+        sending here before any stream is refused (a refused one would be retried by clients,
+        but a least-connections balancer keeps choosing the emptiest replica: this one)."""
         timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
-        self.admission.draining = True
+        notice_s = self.options.drain_notice_s if notice_s is None else notice_s
+        self.admission.stopping = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if notice_s > 0:
+            logger.info("draining: NOT_SERVING; still taking new streams for %g s", notice_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), notice_s)
+        self.admission.draining = True
         deadline = time.monotonic() + timeout_s
         if self.engine.sessions:
             logger.info(
@@ -397,17 +458,19 @@ class MioTTSServer:
                 break
             await asyncio.sleep(0.05)
 
-    async def stop(self, grace: float = 2.0) -> None:
-        """Drain for up to `grace` seconds, then cancel what is left and close everything."""
-        await self.drain(grace)
+    async def stop(self, grace: float = 2.0, notice_s: float | None = None) -> None:
+        """Drain for up to `grace` seconds (after `notice_s`, default --drain-notice-s), then
+        cancel what is left and close everything."""
+        await self.drain(grace, notice_s)
         await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
         if self.http is not None:
             await self.http.stop()
-        if self._lag_watch is not None:
-            self._lag_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_watch
-        self.voices.close()
+        for task in (self._lag_watch, self._key_refresh):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await asyncio.to_thread(self.voices.close)  # a database pool joins its threads
         await self.engine.close()
         self.metrics.close()
 
@@ -432,13 +495,15 @@ async def run_server(options: ServerOptions) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.engine_died.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for waiting in waits:
         waiting.cancel()
     if server.engine_died.is_set():
         logger.error("the speech engine died; exiting (--exit-on-engine-death)")
-        await server.stop(0)
+        await server.stop(0, notice_s=0)
         raise SystemExit(ENGINE_DEATH_EXIT_CODE)
     logger.info("shutting down: draining for up to %g s", options.drain_timeout_s)
     await server.stop(options.drain_timeout_s)

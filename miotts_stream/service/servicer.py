@@ -21,7 +21,7 @@ from .admission import (
     Admission,
     invalid,
     stop_blocked_writer,
-    voice_error_code,
+    voice_error,
 )
 from .engine import (
     AudioOut,
@@ -366,11 +366,11 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             else:
                 return await call()
         except Exception as err:
-            code = voice_error_code(err)
-            message = str(err)
-            if code is None:
+            error = voice_error(err)
+            if error is None:
                 logger.exception("%s failed", method)
-                code, message = ErrorCode.INTERNAL, "internal error"
+                error = SessionError(ErrorCode.INTERNAL, "internal error")
+            code, message = error.code, str(error)
         finally:
             self.admission.count(method, code, key)
         await context.abort(GRPC_STATUS[code], message)
@@ -397,9 +397,11 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         return await self._voice_rpc("DeleteVoice", request, context, delete)
 
     async def ListVoices(self, request, context):
+        key = None
         try:
             key = self._authenticate(context)
-        except SessionError as err:
-            await self._abort(context, "ListVoices", err)
+            voices = await self.admission.list_voices()
+        except SessionError as err:  # UNAUTHENTICATED, or the voice store down (UNAVAILABLE)
+            await self._abort(context, "ListVoices", err, key)
         self.admission.count("ListVoices", ErrorCode.OK, key)
-        return await self.admission.list_voices()
+        return voices

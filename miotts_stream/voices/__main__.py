@@ -23,13 +23,15 @@ from miotts_stream.codec.voices import VoiceLibrary, load_voice_file
 from .registry import embed_reference_audio, make_encoder
 from .store import (
     DEFAULT_DATA_DIR,
-    SQLiteVoiceStore,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
     VoiceSource,
+    VoiceStore,
+    VoiceStoreUnavailable,
     check_voice_id,
     export_embedding,
+    open_voice_store,
 )
 
 
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=str(DEFAULT_DATA_DIR),
         help=f"the server's --data-dir (default {DEFAULT_DATA_DIR}/)",
+    )
+    parser.add_argument(
+        "--voice-store",
+        default=None,
+        help="the server's --voice-store (postgresql://... or sqlite:///PATH; default: SQLite "
+        "in --data-dir)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="clone a voice from reference audio")
@@ -86,7 +94,14 @@ def _check_not_preset(voice_id: str) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    store = SQLiteVoiceStore(args.data_dir)
+    store = open_voice_store(args.voice_store, args.data_dir)
+    try:
+        return _run(args, store)
+    finally:
+        store.close()
+
+
+def _run(args: argparse.Namespace, store: VoiceStore) -> int:
     if args.command == "create":
         check_voice_id(args.voice_id)
         _check_not_preset(args.voice_id)
@@ -136,7 +151,7 @@ def run(argv: list[str] | None = None) -> int:
 def main() -> None:
     try:
         sys.exit(run())
-    except (ValueError, VoiceExists, VoiceNotFound, OSError) as err:
+    except (ValueError, VoiceExists, VoiceNotFound, VoiceStoreUnavailable, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

@@ -180,6 +180,7 @@ class VoiceRegistry:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
 
 def make_encoder(

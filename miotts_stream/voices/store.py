@@ -36,6 +36,11 @@ class VoiceExists(Exception):
     """A voice with this id exists already (a stored voice or a preset)."""
 
 
+class VoiceStoreUnavailable(RuntimeError):
+    """The store cannot be reached now (a shared database down or out of connections): a
+    temporary condition, reported to clients as UNAVAILABLE; the server keeps serving presets."""
+
+
 class VoiceNotFound(KeyError):
     """No voice with this id."""
 
@@ -106,6 +111,17 @@ class VoiceStore(abc.ABC):
     def list(self) -> list[VoiceRecord]:
         """Every stored voice, by id."""
 
+    def describe(self) -> str:
+        """Where the voices live, for logs (never a password)."""
+        return type(self).__name__
+
+    def open(self) -> None:  # noqa: B027 (optional hook)
+        """Connect and prepare, blocking; for a store made with `open_voice_store(...,
+        connect=False)`, which leaves this to be run off the event loop."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Let go of connections; the store is not used afterwards."""
+
     def __contains__(self, voice_id: str) -> bool:
         try:
             self.get(voice_id)
@@ -134,16 +150,19 @@ _COLUMNS = (
 
 
 class SQLiteVoiceStore(VoiceStore):
-    """Voices in `<data_dir>/voices.sqlite3`."""
+    """Voices in `<data_dir>/voices.sqlite3` (or another file name in that folder)."""
 
-    def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR):
+    def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, file_name: str = DB_FILE):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.data_dir / DB_FILE
+        self.path = self.data_dir / file_name
         with self._connect() as db:
             # WAL: readers (the server) never wait for a writer (the CLI) and vice versa.
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -210,6 +229,37 @@ class SQLiteVoiceStore(VoiceStore):
         with self._connect() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM voices ORDER BY voice_id").fetchall()
         return [self._record(row) for row in rows]
+
+
+def open_voice_store(
+    spec: str | None, data_dir: str | Path = DEFAULT_DATA_DIR, *, connect: bool = True
+) -> VoiceStore:
+    """The store a `--voice-store` value names.
+
+    None or "": SQLite in `data_dir` (the embedded default, one machine).
+    "sqlite://PATH": SQLite in the database file PATH (created with its folder if missing),
+    e.g. sqlite:///var/lib/miotts/voices.sqlite3.
+    "postgresql://..." (or "postgres://"): a PostgreSQL database shared by replicas; the value
+    is a libpq connection URI (user, password, host, port, database, sslmode, ...).
+    connect=False: a database store connects only when `open()` is called.
+    """
+    if not spec:
+        return SQLiteVoiceStore(data_dir)
+    scheme, sep, rest = spec.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme == "sqlite":
+        path = Path(rest)  # sqlite:///abs/file.sqlite3, or sqlite://relative/file.sqlite3
+        if not rest or rest.endswith("/"):
+            raise ValueError(f"--voice-store: {spec!r} names no file (sqlite:///PATH/FILE)")
+        return SQLiteVoiceStore(path.parent, path.name)
+    if sep and scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresVoiceStore
+
+        return PostgresVoiceStore(spec, connect=connect)
+    raise ValueError(
+        f"--voice-store: {scheme if sep else spec!r} is not a known store "
+        "(postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH)"
+    )
 
 
 # ---- preset files (upstream-compatible) ------------------------------------------------------

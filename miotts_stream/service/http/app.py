@@ -26,10 +26,10 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from miotts_stream.service.admission import Admission, voice_error_code
+from miotts_stream.service.admission import Admission, voice_error
 from miotts_stream.service.engine import ErrorCode, SessionError
 
-from .errors import HTTP_ERRORS, error_object, error_response, invalid
+from .errors import error_object, error_response, invalid
 from .speech import handle_speech
 from .websocket import handle_stream
 
@@ -159,12 +159,12 @@ class HttpTransport:
             key = self._authenticate(request)
             return web.json_response(await call(), status=status)
         except Exception as err:
-            code = voice_error_code(err)
-            message = str(err)
-            if code is None:
+            error = voice_error(err)
+            if error is None:
                 logger.exception("%s failed", method)
-                code, message = ErrorCode.INTERNAL, "internal error"
-            return web.json_response(error_object(code, message), status=HTTP_ERRORS[code].status)
+                error = SessionError(ErrorCode.INTERNAL, "internal error")
+            code = error.code
+            return error_response(error)
         finally:
             self.admission.count(method, code, key)
 

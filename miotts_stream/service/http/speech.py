@@ -141,8 +141,8 @@ def parse_speech_request(body: Any, presets) -> SpeechRequest:
     voice = body.get("voice")
     if isinstance(voice, dict):  # OpenAI's custom voice reference: {"id": ...}
         voice = voice.get("id")
-    if not isinstance(voice, str) or not voice:
-        raise invalid("voice: required: a preset name or a stored voice id")
+    if voice is not None and (not isinstance(voice, str) or not voice):
+        raise invalid("voice: must be a preset name or a stored voice id")
     speed = _number(body, "speed")
     if speed is not None and speed != 1.0:
         raise invalid(f"speed: only 1.0 is supported, got {speed}")
@@ -150,7 +150,9 @@ def parse_speech_request(body: Any, presets) -> SpeechRequest:
     stream_format = _choice(body, STREAM_FIELD, StreamFormat, "audio")
 
     config = tts_pb2.SynthesisConfig()
-    if voice in presets:
+    if voice is None:
+        pass  # the server's --default-voice (OpenAI requires a voice; this server does not)
+    elif voice in presets:
         config.voice.preset = voice
     else:
         config.voice.voice_id = voice
