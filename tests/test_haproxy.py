@@ -389,13 +389,8 @@ async def test_replicas_behind_haproxy_drain_and_kill(tmp_path):
     _ = json.loads(RETRY_CONFIG.read_text())  # the documented file is valid JSON
 
 
-# The HTTP API (server.py --http-port: OpenAI /v1/audio/speech, WebSocket /v1/stream) comes from
-# another branch. The config's http_in / http_replicas sections are written for it; this test
-# runs once server.py has the flag.
-HAS_HTTP_API = "--http-port" in (ROOT / "server.py").read_text()
-
-
-@pytest.mark.skipif(not HAS_HTTP_API, reason="server.py has no --http-port (HTTP API) yet")
+# The HTTP API (server.py --http-port: OpenAI /v1/audio/speech, WebSocket /v1/stream) through
+# the config's http_in / http_replicas sections.
 @pytest.mark.asyncio
 async def test_http_api_through_haproxy(tmp_path):
     http_port = free_port()
