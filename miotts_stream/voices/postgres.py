@@ -18,20 +18,18 @@ VoiceStoreUnavailable (UNAVAILABLE to clients) instead of a driver error.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
-import torch
-
 from .store import (
+    COLUMNS,
     VoiceExists,
     VoiceNotFound,
     VoiceRecord,
-    VoiceSource,
     VoiceStore,
     VoiceStoreUnavailable,
+    record_row,
+    row_record,
 )
 
 TABLE = "miotts_voices"
@@ -48,10 +46,6 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     encoder TEXT NOT NULL
 )
 """
-_COLUMNS = (
-    "voice_id, display_name, language, embedding, dim, duration_seconds, created_at, source, "
-    "encoder"
-)
 # Replicas starting together all run CREATE TABLE IF NOT EXISTS; without a lock two of them
 # can both find no table and one fails on the catalog's unique index.
 _SCHEMA_LOCK_KEY = 0x4D696F54  # "MioT"
@@ -144,44 +138,14 @@ class PostgresVoiceStore(VoiceStore):
                 f"voice store: cannot reach {self.describe()}: {detail}"
             ) from None
 
-    @staticmethod
-    def _record(row: tuple) -> VoiceRecord:
-        voice_id, name, language, blob, dim, duration, created, source, encoder = row
-        values = np.frombuffer(bytes(blob), dtype="<f4")
-        if values.size != dim:
-            raise ValueError(f"voice store: voice {voice_id!r} has a corrupt embedding")
-        return VoiceRecord(
-            voice_id=voice_id,
-            embedding=torch.from_numpy(values.astype(np.float32)),
-            display_name=name,
-            language=language,
-            duration_seconds=duration,
-            created_at=created,
-            source=VoiceSource(source),
-            encoder=encoder,
-        )
-
     def create(self, record: VoiceRecord) -> VoiceRecord:
-        embedding = record.embedding.detach().cpu().float().reshape(-1)
-        created_at = record.created_at or time.time()
-        values = (
-            record.voice_id,
-            record.display_name,
-            record.language,
-            embedding.numpy().astype("<f4").tobytes(),
-            embedding.numel(),
-            float(record.duration_seconds),
-            created_at,
-            str(record.source),
-            record.encoder,
-        )
         # ON CONFLICT DO NOTHING: the loser of a race learns it from the row count, without
         # an error in the server's log for what is an ordinary outcome.
         with self._connection() as db:
             inserted = db.execute(
-                f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"INSERT INTO {TABLE} ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (voice_id) DO NOTHING",
-                values,
+                record_row(record),
             ).rowcount
         if not inserted:
             raise VoiceExists(f"voice_id: a voice {record.voice_id!r} exists already")
@@ -190,11 +154,11 @@ class PostgresVoiceStore(VoiceStore):
     def get(self, voice_id: str) -> VoiceRecord:
         with self._connection() as db:
             row = db.execute(
-                f"SELECT {_COLUMNS} FROM {TABLE} WHERE voice_id = %s", (voice_id,)
+                f"SELECT {COLUMNS} FROM {TABLE} WHERE voice_id = %s", (voice_id,)
             ).fetchone()
         if row is None:
             raise VoiceNotFound(f"voice_id: no stored voice {voice_id!r}")
-        return self._record(row)
+        return row_record(row)
 
     def delete(self, voice_id: str) -> None:
         with self._connection() as db:
@@ -204,8 +168,8 @@ class PostgresVoiceStore(VoiceStore):
 
     def list(self) -> list[VoiceRecord]:
         with self._connection() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM {TABLE} ORDER BY voice_id").fetchall()
-        return [self._record(row) for row in rows]
+            rows = db.execute(f"SELECT {COLUMNS} FROM {TABLE} ORDER BY voice_id").fetchall()
+        return [row_record(row) for row in rows]
 
     def close(self) -> None:
         self._pool.close()

@@ -143,10 +143,45 @@ CREATE TABLE IF NOT EXISTS voices (
     encoder TEXT NOT NULL
 )
 """
-_COLUMNS = (
+# Both backends store a voice as one row with these columns, in this order.
+COLUMNS = (
     "voice_id, display_name, language, embedding, dim, duration_seconds, created_at, source, "
     "encoder"
 )
+
+
+def record_row(record: VoiceRecord) -> tuple:
+    """`record` as the values of one row (COLUMNS' order); the embedding as little-endian f32."""
+    embedding = record.embedding.detach().cpu().float().reshape(-1)
+    return (
+        record.voice_id,
+        record.display_name,
+        record.language,
+        embedding.numpy().astype("<f4").tobytes(),
+        embedding.numel(),
+        float(record.duration_seconds),
+        record.created_at or time.time(),
+        str(record.source),
+        record.encoder,
+    )
+
+
+def row_record(row: tuple) -> VoiceRecord:
+    """The record of a row read back (COLUMNS' order)."""
+    voice_id, name, language, blob, dim, duration, created, source, encoder = row
+    values = np.frombuffer(bytes(blob), dtype="<f4")
+    if values.size != dim:
+        raise ValueError(f"voice store: voice {voice_id!r} has a corrupt embedding")
+    return VoiceRecord(
+        voice_id=voice_id,
+        embedding=torch.from_numpy(values.astype(np.float32)),
+        display_name=name,
+        language=language,
+        duration_seconds=duration,
+        created_at=created,
+        source=VoiceSource(source),
+        encoder=encoder,
+    )
 
 
 class SQLiteVoiceStore(VoiceStore):
@@ -188,23 +223,11 @@ class SQLiteVoiceStore(VoiceStore):
         )
 
     def create(self, record: VoiceRecord) -> VoiceRecord:
-        embedding = record.embedding.detach().cpu().float().reshape(-1)
-        created_at = record.created_at or time.time()
         try:
             with self._connect() as db:
                 db.execute(
-                    f"INSERT INTO voices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.voice_id,
-                        record.display_name,
-                        record.language,
-                        embedding.numpy().astype("<f4").tobytes(),
-                        embedding.numel(),
-                        float(record.duration_seconds),
-                        created_at,
-                        str(record.source),
-                        record.encoder,
-                    ),
+                    f"INSERT INTO voices ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    record_row(record),
                 )
         except sqlite3.IntegrityError:
             raise VoiceExists(f"voice_id: a voice {record.voice_id!r} exists already") from None
@@ -213,11 +236,11 @@ class SQLiteVoiceStore(VoiceStore):
     def get(self, voice_id: str) -> VoiceRecord:
         with self._connect() as db:
             row = db.execute(
-                f"SELECT {_COLUMNS} FROM voices WHERE voice_id = ?", (voice_id,)
+                f"SELECT {COLUMNS} FROM voices WHERE voice_id = ?", (voice_id,)
             ).fetchone()
         if row is None:
             raise VoiceNotFound(f"voice_id: no stored voice {voice_id!r}")
-        return self._record(row)
+        return row_record(row)
 
     def delete(self, voice_id: str) -> None:
         with self._connect() as db:
@@ -227,8 +250,8 @@ class SQLiteVoiceStore(VoiceStore):
 
     def list(self) -> list[VoiceRecord]:
         with self._connect() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM voices ORDER BY voice_id").fetchall()
-        return [self._record(row) for row in rows]
+            rows = db.execute(f"SELECT {COLUMNS} FROM voices ORDER BY voice_id").fetchall()
+        return [row_record(row) for row in rows]
 
 
 def open_voice_store(
