@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from miotts_stream.llm import LLMRouter, LLMUnavailableError, SamplingOptions
 from miotts_stream.llm.router import MID_STREAM_MESSAGE, NO_SERVER_MESSAGE
@@ -276,6 +277,20 @@ async def test_the_service_fails_over_and_reports_a_mid_stream_loss_as_unavailab
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert info.value.details() == MID_STREAM_MESSAGE
             await until(lambda: not engine.sessions, "the stream's session to be released")
+
+            # With every LLM server out the replica says so in its health, so that a load
+            # balancer sends streams elsewhere; one server back makes it SERVING again.
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="miotts.v1.TextToSpeech")
+
+            async def health_is(wanted: int) -> bool:
+                return (await health.Check(check, timeout=10)).status == wanted
+
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            await until(lambda: health_is(not_serving), "health NOT_SERVING with no server")
+            await standins[1].start()  # the same port
+            serving = health_pb2.HealthCheckResponse.SERVING
+            await until(lambda: health_is(serving), "health SERVING with a server back", 1300)
     finally:
         await server.stop(grace=0.5)
 

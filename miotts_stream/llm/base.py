@@ -46,6 +46,7 @@ class EngineState(enum.Enum):
     SERVING = "serving"
     RESTARTING = "restarting"  # it died; a new one is starting
     DEAD = "dead"  # it died and will not be restarted
+    UNREACHABLE = "unreachable"  # remote servers: none is in service now; they are probed
     CLOSED = "closed"  # shut down on purpose
 
 

@@ -16,7 +16,8 @@ the whole request and lands on a server that works. A request refused as invalid
 (`LLMRequestError`, HTTP 4xx) is not retried: every server would refuse it.
 
 When every server is out, a request still tries each once (the health state may be seconds
-old) before giving up with `LLMUnavailableError`.
+old) before giving up with `LLMUnavailableError`, and the router's state is UNREACHABLE until
+one is back: the service reports that as health NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from .base import (
+    EngineState,
+    EngineStateListener,
     LLMError,
     LLMRequestError,
     LLMUnavailableError,
@@ -120,6 +123,10 @@ class LLMRouter:
         self.probe_min_s = probe_min_s
         self.probe_max_s = probe_max_s
         self._watchers: list[asyncio.Task] = []
+        # SERVING while any server is in service, else UNREACHABLE: the replica's health, so
+        # that a load balancer sends streams to replicas whose LLM servers answer.
+        self._state = EngineState.SERVING
+        self._listeners: list[EngineStateListener] = []
 
     @property
     def name(self) -> str:
@@ -161,6 +168,29 @@ class LLMRouter:
         for server in self.servers:
             await server.source.close()
 
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def add_state_listener(self, listener: EngineStateListener) -> None:
+        """Calls `listener(state)` on every change of `state` (not for the current one)."""
+        self._listeners.append(listener)
+
+    def _update_state(self) -> None:
+        state = EngineState.SERVING if any(s.up for s in self.servers) else EngineState.UNREACHABLE
+        if state is self._state:
+            return
+        self._state = state
+        if state is EngineState.SERVING:
+            logger.info("speech LLM: a server is back in service")
+        else:
+            logger.error("speech LLM: every server is out of service; probing them")
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("speech LLM state listener failed")
+
     # ---- choosing and judging servers ------------------------------------------------------
     def pick(self, tried: set[LLMServer]) -> LLMServer | None:
         """The server for a request's next attempt: the fewest in flight among those in
@@ -181,6 +211,7 @@ class LLMRouter:
             server.probe_delay_s = self.probe_min_s
             logger.warning("speech LLM server %s taken out: %s", server.url, reason)
             server.state_changed.set()  # its watcher starts probing
+            self._update_state()
         elif probe:
             server.probe_delay_s = min(self.probe_max_s, 2 * server.probe_delay_s)
 
@@ -190,6 +221,7 @@ class LLMRouter:
             server.up = True
             logger.info("speech LLM server %s back in service", server.url)
             server.state_changed.set()  # its watcher goes back to the health interval
+            self._update_state()
 
     async def _watch(self, server: LLMServer) -> None:
         """Checks a server in service every health_interval_s; probes one that is out with a

@@ -285,6 +285,7 @@ class MioTTSServer:
         # Set when the engine died for good (restarts off: --exit-on-engine-death).
         self.engine_died = asyncio.Event()
         self._health_updates: set[asyncio.Task] = set()
+        self._engine_state = EngineState.SERVING  # the LLM source's last reported state
         # Checked now (a bad --data-dir, --voice-store or limit fails at start; a database
         # connects in start(), off the event loop); the encoder loads on first use.
         store = open_voice_store(options.voice_store, options.data_dir, connect=False)
@@ -345,7 +346,7 @@ class MioTTSServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         add_state_listener = getattr(self.engine.source, "add_state_listener", None)
-        if add_state_listener is not None:  # an in-process engine: its state is our health
+        if add_state_listener is not None:  # an in-process engine, or the LLM servers' router
             add_state_listener(self._on_engine_state)
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
@@ -392,13 +393,15 @@ class MioTTSServer:
         return self.port
 
     def _on_engine_state(self, state: EngineState) -> None:
-        """The engine's state as gRPC health: SERVING only while the engine serves."""
+        """The LLM source's state as health: SERVING only while the in-process engine serves,
+        or while at least one remote LLM server is in service."""
+        previous, self._engine_state = self._engine_state, state
         if self.admission.stopping:
             return  # shutting down: NOT_SERVING stays
         serving = state is EngineState.SERVING
         self.admission.engine_serving = serving
-        if serving:
-            self.metrics.engine_restarts.inc()  # the first SERVING is no change: not heard
+        if serving and previous is EngineState.RESTARTING:
+            self.metrics.engine_restarts.inc()
         elif state is EngineState.DEAD:
             self.engine_died.set()
         status = (
