@@ -288,6 +288,9 @@ async def test_the_service_fails_over_and_reports_a_mid_stream_loss_as_unavailab
 
             not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
             await until(lambda: health_is(not_serving), "health NOT_SERVING with no server")
+            # The process itself is well: its overall status (what liveness probes ask) stays.
+            overall = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert overall.status == health_pb2.HealthCheckResponse.SERVING
             await standins[1].start()  # the same port
             serving = health_pb2.HealthCheckResponse.SERVING
             await until(lambda: health_is(serving), "health SERVING with a server back", 1300)

@@ -394,7 +394,13 @@ class MioTTSServer:
 
     def _on_engine_state(self, state: EngineState) -> None:
         """The LLM source's state as health: SERVING only while the in-process engine serves,
-        or while at least one remote LLM server is in service."""
+        or while at least one remote LLM server is in service.
+
+        An in-process engine is part of this process: its death shows in the overall health
+        ("") too. Remote servers are not: their outage shows only in the service's status (what
+        load balancers and readiness probes ask), so that a liveness probe on the overall
+        status does not restart every replica while the LLM servers are down.
+        """
         previous, self._engine_state = self._engine_state, state
         if self.admission.stopping:
             return  # shutting down: NOT_SERVING stays
@@ -409,12 +415,13 @@ class MioTTSServer:
             if serving
             else (health_pb2.HealthCheckResponse.NOT_SERVING)
         )
-        task = asyncio.get_running_loop().create_task(self._set_health(status))
+        names = (SERVICE_NAME,) if isinstance(self.engine.source, LLMRouter) else ("", SERVICE_NAME)
+        task = asyncio.get_running_loop().create_task(self._set_health(status, names))
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
 
-    async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
+    async def _set_health(self, status: int, names: tuple[str, ...] = ("", SERVICE_NAME)) -> None:
+        for name in names:
             await self.health.set(name, status)
 
     async def drain(self, timeout_s: float | None = None, notice_s: float | None = None) -> None:
