@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -54,6 +56,45 @@ async def wait_serving(address: str, timeout: float) -> None:
                 pass
             await asyncio.sleep(1)
     raise TimeoutError(f"server at {address} not serving after {timeout} s")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it is still there after 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@contextlib.asynccontextmanager
+async def server_subprocess(
+    streams: int, *options: str, startup_timeout: float
+) -> AsyncIterator[str]:
+    """`server.py` (built-in default, no metrics, HTTP on a free port) on loopback, serving
+    `streams` concurrent streams; yields its gRPC address once health says SERVING."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        str(ROOT / "server.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-metrics",
+        "--http-port",
+        "0",
+        "--max-streams",
+        str(streams),
+        *options,
+    ]
+    server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy())
+    try:
+        await wait_serving(address, timeout=startup_timeout)
+        yield address
+    finally:
+        stop_process(server)
 
 
 async def one_stream(stub, seconds: float, seed: int) -> dict:
@@ -114,24 +155,8 @@ def summarize(streams: int, results: list[dict]) -> list:
 
 
 async def main_async(args) -> None:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        str(ROOT / "server.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-metrics",
-        "--http-port",
-        "0",
-        "--max-streams",
-        str(max(args.streams) + 2),
-    ]
-    server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy())
-    try:
-        await wait_serving(address, timeout=args.startup_timeout)
+    most = max(args.streams) + 2
+    async with server_subprocess(most, startup_timeout=args.startup_timeout) as address:
         await run_level(address, 1, 2.0)  # warm-up
         rows = []
         for streams in args.streams:
@@ -158,12 +183,6 @@ async def main_async(args) -> None:
                 rows,
             )
         )
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def main() -> None:

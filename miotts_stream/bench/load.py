@@ -43,7 +43,7 @@ from miotts_stream.llm.vllm_server import free_port
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
 from .common import table
-from .e2e import wait_serving
+from .e2e import stop_process, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CODECS = {
@@ -335,11 +335,7 @@ async def run_levels(args, root: Path) -> list[list]:
             print(f"most streams with no underrun behind {args.buffer_ms:g} ms: {best}")
     finally:
         for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_process(process)
     return [[label, *row] for row in rows]
 
 

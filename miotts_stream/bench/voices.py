@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import io
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import wave
@@ -28,12 +26,11 @@ import numpy as np
 import torch
 
 from miotts_stream.audio.reference import AudioLimits, prepare_reference
-from miotts_stream.llm.vllm_server import free_port
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from miotts_stream.voices.registry import make_encoder
 
 from .common import median, table, time_call
-from .e2e import ROOT, one_stream, wait_serving
+from .e2e import one_stream, server_subprocess
 
 
 def voice_clip(seconds: float, rate: int = 24000, seed: int = 0) -> np.ndarray:
@@ -100,27 +97,11 @@ async def streams_with_clones(address: str, streams: int, clones: int, round_: i
 
 
 async def service_part(args) -> None:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data_dir:
-        command = [
-            sys.executable,
-            str(ROOT / "server.py"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-metrics",
-            "--http-port",
-            "0",
-            "--data-dir",
-            data_dir,
-            "--max-streams",
-            str(args.streams + 2),
-        ]
-        server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy())
-        try:
-            await wait_serving(address, timeout=args.startup_timeout)
+        server = server_subprocess(
+            args.streams + 2, "--data-dir", data_dir, startup_timeout=args.startup_timeout
+        )
+        async with server as address:
             # Warm-up: one stream, and one clone (loads the encoder on the server).
             await streams_with_clones(address, 1, 1, 99, 2.0)
             alone, busy, clone_times = [], [], []
@@ -132,12 +113,6 @@ async def service_part(args) -> None:
                 )
                 busy += ttfa
                 clone_times += took
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
     def row(label, values):
         ms = np.array(values) * 1000
