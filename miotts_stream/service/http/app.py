@@ -26,10 +26,10 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from miotts_stream.service.admission import Admission, voice_error
+from miotts_stream.service.admission import Admission, invalid, voice_error
 from miotts_stream.service.engine import ErrorCode, SessionError
 
-from .errors import error_object, error_response, invalid
+from .errors import error_object, error_response
 from .speech import handle_speech
 from .websocket import handle_stream
 

@@ -72,7 +72,3 @@ def error_object(code: ErrorCode, message: str) -> dict[str, Any]:
 
 def error_response(err: SessionError) -> web.Response:
     return web.json_response(error_object(err.code, str(err)), status=HTTP_ERRORS[err.code].status)
-
-
-def invalid(message: str) -> SessionError:
-    return SessionError(ErrorCode.INVALID_ARGUMENT, message)

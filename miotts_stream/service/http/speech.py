@@ -27,7 +27,7 @@ from miotts_stream.audio.containers import (
     StreamingFileEncoder,
     wav_stream_header,
 )
-from miotts_stream.service.admission import Admission, stop_blocked_writer
+from miotts_stream.service.admission import Admission, invalid, stop_blocked_writer
 from miotts_stream.service.engine import (
     AudioOut,
     ErrorCode,
@@ -37,7 +37,7 @@ from miotts_stream.service.engine import (
 )
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
 
-from .errors import error_object, error_response, invalid
+from .errors import error_object, error_response
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from aiohttp import WSMsgType, web
 from google.protobuf import json_format
 
 from miotts_stream.service.access import ApiKey
-from miotts_stream.service.admission import Admission, stop_blocked_writer
+from miotts_stream.service.admission import Admission, invalid, stop_blocked_writer
 from miotts_stream.service.engine import (
     AudioOut,
     ErrorCode,
@@ -35,7 +35,7 @@ from miotts_stream.service.engine import (
 )
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
 
-from .errors import HTTP_ERRORS, CloseCode, error_response, invalid
+from .errors import HTTP_ERRORS, CloseCode, error_response
 
 logger = logging.getLogger(__name__)
 
