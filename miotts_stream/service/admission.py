@@ -84,9 +84,9 @@ def invalid(message: str) -> SessionError:
 STORE_DOWN = "the voice store is unreachable now; retry later"
 
 
-def voice_error(err: Exception) -> SessionError | None:
-    """A voice store / cloning failure as the error the client gets, None for an unexpected
-    exception (a bug: the caller logs it and answers INTERNAL)."""
+def voice_error(method: str, err: Exception) -> SessionError:
+    """A voice store / cloning failure as the error the client gets; an unexpected exception
+    (a bug) is logged with its traceback and answered INTERNAL. Call it in the `except`."""
     if isinstance(err, SessionError):
         return err
     if isinstance(err, VoiceStoreUnavailable):
@@ -103,7 +103,8 @@ def voice_error(err: Exception) -> SessionError | None:
     for kind, code in codes:
         if isinstance(err, kind):
             return SessionError(code, str(err))
-    return None
+    logger.exception("%s failed", method)
+    return SessionError(ErrorCode.INTERNAL, "internal error")
 
 
 class Admission:

@@ -366,10 +366,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             else:
                 return await call()
         except Exception as err:
-            error = voice_error(err)
-            if error is None:
-                logger.exception("%s failed", method)
-                error = SessionError(ErrorCode.INTERNAL, "internal error")
+            error = voice_error(method, err)
             code, message = error.code, str(error)
         finally:
             self.admission.count(method, code, key)

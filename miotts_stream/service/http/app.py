@@ -15,7 +15,6 @@ Routes:
 
 from __future__ import annotations
 
-import logging
 import ssl
 from dataclasses import dataclass
 from functools import partial
@@ -32,8 +31,6 @@ from miotts_stream.service.engine import ErrorCode, SessionError
 from .errors import error_object, error_response
 from .speech import handle_speech
 from .websocket import handle_stream
-
-logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -159,10 +156,7 @@ class HttpTransport:
             key = self._authenticate(request)
             return web.json_response(await call(), status=status)
         except Exception as err:
-            error = voice_error(err)
-            if error is None:
-                logger.exception("%s failed", method)
-                error = SessionError(ErrorCode.INTERNAL, "internal error")
+            error = voice_error(method, err)
             code = error.code
             return error_response(error)
         finally:
