@@ -13,7 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from miotts_stream.bench.fuzz import run_sequence
+from miotts_stream.bench.fuzz import raw_streaming, run_sequence
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MAX_TEXT_CHARS = 20000
 IDLE_S, STALL_S, MAX_STREAM_S = 1.0, 2.0, 8.0
-STREAMING = "/miotts.v1.TextToSpeech/StreamingSynthesize"
 UNARY = "/miotts.v1.TextToSpeech/Synthesize"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -120,11 +119,7 @@ async def serves_normally(stub, server) -> None:
 
 async def streaming_raw(channel, messages: list[bytes], hold_s: float = 5.0):
     """Send already-serialized messages, keep the stream open, read to the end."""
-    call = channel.stream_stream(
-        STREAMING,
-        request_serializer=lambda b: b,
-        response_deserializer=tts_pb2.StreamingSynthesizeResponse.FromString,
-    )
+    call = raw_streaming(channel)
 
     async def requests():
         for m in messages:

@@ -102,15 +102,20 @@ def random_sequence(rng: random.Random, max_text_chars: int) -> tuple[list[bytes
     return out, rng.random() < 0.15
 
 
-async def run_sequence(channel: grpc.aio.Channel, rng: random.Random, max_text_chars: int):
-    """Run one random sequence; returns its final status code ("LOST_BY_CLIENT" for
-    grpc/grpc#36066). AssertionError on a status outside the documented set."""
-    messages, hang_up = random_sequence(rng, max_text_chars)
-    call = channel.stream_stream(
+def raw_streaming(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    """StreamingSynthesize taking request messages already serialized (or made-up bytes)."""
+    return channel.stream_stream(
         STREAMING,
         request_serializer=lambda b: b,
         response_deserializer=tts_pb2.StreamingSynthesizeResponse.FromString,
     )
+
+
+async def run_sequence(channel: grpc.aio.Channel, rng: random.Random, max_text_chars: int):
+    """Run one random sequence; returns its final status code ("LOST_BY_CLIENT" for
+    grpc/grpc#36066). AssertionError on a status outside the documented set."""
+    messages, hang_up = random_sequence(rng, max_text_chars)
+    call = raw_streaming(channel)
 
     async def requests():
         for m in messages:
