@@ -41,7 +41,7 @@ from .base import (
     prepare_request,
     unique_request_id,
 )
-from .openai_source import OpenAITokenSource
+from .openai_source import OpenAITokenSource, OpenAITokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class LLMRouter:
         normalized = prepare_request(text, options, language)  # a bad request fails here
         max_tokens = self.guard.budget(normalized, options.max_tokens)
         return RoutedTokenStream(
-            self, unique_request_id(request_id), text, options, language, max_tokens
+            self, unique_request_id(request_id), normalized, options, max_tokens
         )
 
     async def close(self) -> None:
@@ -249,16 +249,14 @@ class RoutedTokenStream(TokenStream):
         self,
         router: LLMRouter,
         request_id: str,
-        text: str,
+        normalized_text: str,
         options: SamplingOptions,
-        language: str,
         max_tokens: int,
     ) -> None:
         super().__init__(request_id, max_tokens)
         self._router = router
-        self._text = text
+        self._text = normalized_text
         self._options = options
-        self._language = language
         self._tried: set[LLMServer] = set()
         self._inner: TokenStream | None = None
         self.server: LLMServer | None = None  # the one serving it now (or last)
@@ -318,8 +316,10 @@ class RoutedTokenStream(TokenStream):
         server.in_flight += 1
         server.requests += 1
         self._holding = True
-        self._inner = server.source.stream(
-            self._text, self._options, self.request_id, self._language
+        # The request was checked, normalized and budgeted once in `LLMRouter.stream`; every
+        # attempt sends that same request under the same id.
+        self._inner = OpenAITokenStream(
+            server.source, self.request_id, self._text, self._options, self.max_tokens
         )
 
     async def _detach(self) -> None:

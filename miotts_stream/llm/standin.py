@@ -54,6 +54,17 @@ class StandInPacing:
         """Seconds after the request started at which code `index` is out."""
         return self.prefill_s + index / self.rate_hz
 
+    async def next_batch(self, started: float, sent: int, count: int) -> int:
+        """Sleeps until code `sent` of `count` is due (the request started at
+        `time.perf_counter()` = `started`), then returns the end of every code due by now: a
+        loop that fell behind catches up in one batch, as a real engine's output does."""
+        delay = started + self.due(sent) - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elapsed = time.perf_counter() - started
+        due = math.floor((elapsed - self.prefill_s) * self.rate_hz) + 1
+        return min(count, max(due, sent + 1))
+
 
 class StandInTokenSource:
     """In-process stand-in `TokenSource` (see the module docstring)."""
@@ -103,19 +114,11 @@ class StandInTokenStream(TokenStream):
         self._open = False
 
     async def _receive(self) -> None:
-        pacing = self._source.pacing
         if self._started_at is None:
             self._started_at = time.perf_counter()
             self._open = True
             self._source.open_requests += 1
-        # Sleep until the next code is due, then hand over every code due by then (a loop
-        # that fell behind catches up in one batch, as a real engine's output does).
-        delay = self._started_at + pacing.due(self._sent) - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elapsed = time.perf_counter() - self._started_at
-        due = min(len(self._codes), math.floor((elapsed - pacing.prefill_s) * pacing.rate_hz) + 1)
-        due = max(due, self._sent + 1)
+        due = await self._source.pacing.next_batch(self._started_at, self._sent, len(self._codes))
         self._pending.extend(self._codes[self._sent : due])
         self._sent = due
         if self._sent == len(self._codes):

@@ -74,12 +74,7 @@ class StandInServer:
         try:
             sent = 0
             while sent < count:
-                delay = started + self.pacing.due(sent) - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elapsed = time.perf_counter() - started
-                due = int((elapsed - self.pacing.prefill_s) * self.pacing.rate_hz) + 1
-                due = min(count, max(due, sent + 1))
+                due = await self.pacing.next_batch(started, sent, count)
                 content = "".join(speech_token(c) for c in codes[sent:due])
                 sent = due
                 await response.write(_event({"content": content}, None))

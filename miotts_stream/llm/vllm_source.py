@@ -373,6 +373,12 @@ class VLLMTokenSource:
     def _can_restart(self) -> bool:
         return self.restart_policy.enabled and self._engine_factory is not None
 
+    def _engine_died(self) -> LLMUnavailableError:
+        """The error for a request that finds the engine dead; wakes the restart watcher."""
+        self._death_seen.set()
+        reason = ENGINE_RESTARTING if self._can_restart else ENGINE_DEAD
+        return LLMUnavailableError(reason, client_message=reason)
+
     @property
     def state(self) -> EngineState:
         return self._state
@@ -495,13 +501,8 @@ class VLLMTokenSource:
         request_id: str | None = None,
         language: str = "auto",
     ) -> VLLMTokenStream:
-        if self._engine is None:
-            reason = self._unavailable_reason()
-            raise LLMUnavailableError(reason, client_message=reason)
-        if self._engine.errored:
-            self._death_seen.set()
-            reason = ENGINE_RESTARTING if self._can_restart else ENGINE_DEAD
-            raise LLMUnavailableError(reason, client_message=reason)
+        if self.engine.errored:  # `engine` raises while there is none
+            raise self._engine_died()
         self._watch_soon()
         normalized = prepare_request(text, options, language)
         prompt = self.prompt_token_ids(normalized)
@@ -578,10 +579,7 @@ class VLLMTokenStream(TokenStream):
         except EngineDeadError as err:
             # vLLM's wording points at its own log; the client gets ours.
             logger.error("request %s: the vLLM engine died under it", self.request_id)
-            self._source._death_seen.set()
-            restarting = self._source._can_restart
-            reason = ENGINE_RESTARTING if restarting else ENGINE_DEAD
-            raise LLMUnavailableError(reason, client_message=reason) from err
+            raise self._source._engine_died() from err
         except GracefulHTTPError as err:  # admission control: the engine is full
             raise LLMUnavailableError(f"vLLM refused the request: {err}") from err
         except (VLLMClientError, ValueError) as err:

@@ -50,6 +50,7 @@ class PostgresKeySource(KeySource):
         except psycopg.ProgrammingError as err:
             raise AccessError(f"--api-keys-db: not a PostgreSQL connection URI: {err}") from None
         self._where = f"{params.get('host') or 'localhost'}/{params.get('dbname') or ''}"
+        self._schema_ready = False  # the table is made on the first connection, not each one
 
     @contextmanager
     def _connect(self) -> Iterator:
@@ -59,9 +60,13 @@ class PostgresKeySource(KeySource):
         try:
             timeout = max(1, round(self.connect_timeout_s))
             with psycopg.connect(self.url, connect_timeout=timeout) as db:
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                db.execute(_SCHEMA)
+                if not self._schema_ready:
+                    # Once per source: the lock would otherwise line up every replica's
+                    # periodic refresh behind one another.
+                    db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                    db.execute(_SCHEMA)
                 yield db
+            self._schema_ready = True
         except psycopg.Error as err:
             detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise AccessError(f"API key store at {self._where}: {detail}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 from miotts_stream.audio.reference import AudioLimits
 from miotts_stream.codec.voices import VoiceLibrary, load_voice_file
 
-from .registry import embed_reference_audio, make_encoder
+from .registry import check_new_voice_id, embed_reference_audio, make_encoder
 from .store import (
     DEFAULT_DATA_DIR,
     VoiceExists,
@@ -87,11 +87,6 @@ def _describe(record: VoiceRecord) -> str:
     )
 
 
-def _check_not_preset(voice_id: str) -> None:
-    if voice_id in VoiceLibrary():
-        raise VoiceExists(f"voice_id: {voice_id!r} is the name of a preset")
-
-
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     store = open_voice_store(args.voice_store, args.data_dir)
@@ -103,10 +98,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, store: VoiceStore) -> int:
     if args.command == "create":
-        check_voice_id(args.voice_id)
-        _check_not_preset(args.voice_id)
-        if args.voice_id in store:
-            raise VoiceExists(f"voice_id: a voice {args.voice_id!r} exists already")
+        check_new_voice_id(args.voice_id, VoiceLibrary(), store)  # before loading the encoder
         encoder = make_encoder(args.codec, args.ssl_model, args.device)
         limits = AudioLimits(args.min_seconds, args.max_seconds)
         embedding, seconds = embed_reference_audio(encoder, args.audio.read_bytes(), limits)
@@ -132,8 +124,7 @@ def _run(args: argparse.Namespace, store: VoiceStore) -> int:
         record = store.get(check_voice_id(args.voice_id))
         print(f"wrote {export_embedding(record.embedding, args.out)}")
     elif args.command == "import":
-        check_voice_id(args.voice_id)
-        _check_not_preset(args.voice_id)
+        check_new_voice_id(args.voice_id, VoiceLibrary(), store)
         record = store.create(
             VoiceRecord(
                 voice_id=args.voice_id,

@@ -139,13 +139,6 @@ class VoiceRegistry:
         return embedding
 
     # ---- stored voices ----------------------------------------------------------------------
-    def _check_new_id(self, voice_id: str) -> None:
-        check_voice_id(voice_id)
-        if voice_id in self.presets:
-            raise VoiceExists(f"voice_id: {voice_id!r} is the name of a preset")
-        if voice_id in self.store:
-            raise VoiceExists(f"voice_id: a voice {voice_id!r} exists already")
-
     async def create(
         self, voice_id: str, audio: bytes, display_name: str = "", language: str = ""
     ) -> VoiceRecord:
@@ -153,7 +146,8 @@ class VoiceRegistry:
         BadAudio), VoiceExists."""
         check_display_name(display_name)
         check_language(language)
-        await asyncio.to_thread(self._check_new_id, voice_id)  # fail fast, before embedding
+        # Fail fast, before embedding.
+        await asyncio.to_thread(check_new_voice_id, voice_id, self.presets, self.store)
         embedding, seconds = await self.embed_audio(audio)
         record = VoiceRecord(
             voice_id=voice_id,
@@ -181,6 +175,16 @@ class VoiceRegistry:
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+
+
+def check_new_voice_id(voice_id: str, presets: VoiceLibrary, store: VoiceStore) -> None:
+    """Whether a new voice may take `voice_id`: ValueError for a malformed id, VoiceExists for a
+    preset's name or a stored voice's (the store's `create` still decides races)."""
+    check_voice_id(voice_id)
+    if voice_id in presets:
+        raise VoiceExists(f"voice_id: {voice_id!r} is the name of a preset")
+    if voice_id in store:
+        raise VoiceExists(f"voice_id: a voice {voice_id!r} exists already")
 
 
 def make_encoder(

@@ -205,23 +205,6 @@ class SQLiteVoiceStore(VoiceStore):
         with closing(sqlite3.connect(self.path, timeout=10.0)) as db, db:
             yield db
 
-    @staticmethod
-    def _record(row: tuple) -> VoiceRecord:
-        voice_id, name, language, blob, dim, duration, created, source, encoder = row
-        values = np.frombuffer(blob, dtype="<f4")
-        if values.size != dim:
-            raise ValueError(f"voice store: voice {voice_id!r} has a corrupt embedding")
-        return VoiceRecord(
-            voice_id=voice_id,
-            embedding=torch.from_numpy(values.astype(np.float32)),
-            display_name=name,
-            language=language,
-            duration_seconds=duration,
-            created_at=created,
-            source=VoiceSource(source),
-            encoder=encoder,
-        )
-
     def create(self, record: VoiceRecord) -> VoiceRecord:
         try:
             with self._connect() as db:
