@@ -23,10 +23,9 @@ import websockets
 from miotts_stream.audio.decoders import decode_audio
 from miotts_stream.audio.encoders import Encoding
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
 from .audio_files import encode, voice_like
-from .conftest import TINY_CODECS
+from .servers import running_server, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,25 +39,18 @@ STANDIN_RATE = 100.0  # stand-in codes per second
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory, tiny_wavlm):
-    options = ServerOptions(
-        codec=str(TINY_CODECS["24khz"]),
+    options = tiny_codec_options(
         ssl_model=str(tiny_wavlm),
         llm_standin_rate=STANDIN_RATE,
         data_dir=str(tmp_path_factory.mktemp("voices")),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         http_port=0,
         metrics_port=0,
         max_streams=3,
         max_text_chars=2000,
         api_keys=[KEY],
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest.fixture
