@@ -43,8 +43,13 @@ def tiny_codec_options(**options) -> ServerOptions:
 @asynccontextmanager
 async def running_server(options: ServerOptions, grace: float = 0.5) -> AsyncIterator[MioTTSServer]:
     """A started server with its own engine, stopped (engine included) on leaving."""
-    server = MioTTSServer(await build_engine(options), options)
-    await server.start()
+    engine = await build_engine(options)
+    server = MioTTSServer(engine, options)
+    try:
+        await server.start()
+    except BaseException:
+        await engine.close()  # a server that did not start leaves no engine workers behind
+        raise
     try:
         yield server
     finally:
