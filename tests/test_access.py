@@ -25,7 +25,7 @@ from miotts_stream.service.access import UNAUTHENTICATED_MESSAGE
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-from .conftest import TINY_CODECS
+from .servers import vllm_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -101,20 +101,10 @@ def pki(tmp_path_factory) -> dict:
 def _options(**kwargs) -> ServerOptions:
     import tempfile
 
-    from miotts_stream.demo_model import ensure_demo_model
-
-    return ServerOptions(
-        model=str(ensure_demo_model("tiny")),
+    return vllm_options(
         data_dir=tempfile.mkdtemp(prefix="miotts-voices-"),  # not the developer's .data/
-        codec=str(TINY_CODECS["24khz"]),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         max_streams=4,
         metrics_port=None,
-        max_model_len=512,
-        kv_cache_gib=0.5,
-        enforce_eager=True,
         **kwargs,
     )
 

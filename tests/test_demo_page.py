@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
-
-from .conftest import TINY_CODECS
+from .servers import running_server, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -23,22 +21,15 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory):
-    options = ServerOptions(
-        codec=str(TINY_CODECS["24khz"]),
+    options = tiny_codec_options(
         llm_standin_rate=50.0,  # about real time: audio streams while words are still typed
         data_dir=str(tmp_path_factory.mktemp("voices")),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         http_port=0,
         metrics_port=None,
         max_streams=2,
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -152,6 +152,11 @@ def _hadolint() -> str:
     return found
 
 
+def test_both_dockerfiles_are_there():
+    """The Dockerfile tests below are parametrized by a glob: with no match they would not run."""
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
 def test_dockerfile_lints_clean(dockerfile):
     result = subprocess.run(

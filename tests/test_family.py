@@ -25,9 +25,9 @@ from miotts_stream.llm import EngineState, SamplingOptions, VLLMTokenSource
 from miotts_stream.llm.base import prepare_text
 from miotts_stream.llm.vllm_source import ENGINE_RESTARTING
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
+from miotts_stream.service.server import MioTTSServer
 
-from .conftest import TINY_CODECS
+from .servers import running_server, vllm_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -42,24 +42,16 @@ SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs far aw
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=ARCHS)
 async def server(request):
-    options = ServerOptions(
+    options = vllm_options(
         model=str(ensure_demo_model("tiny", arch=request.param)),
-        codec=str(TINY_CODECS["24khz"]),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         max_streams=8,
         metrics_port=0,
         max_text_chars=4000,
         max_model_len=MAX_MODEL_LEN,
         kv_cache_gib=0.25,
-        enforce_eager=True,
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest.fixture

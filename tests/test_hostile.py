@@ -15,9 +15,8 @@ import pytest_asyncio
 
 from miotts_stream.bench.fuzz import raw_streaming, run_sequence
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-from .conftest import TINY_CODECS
+from .servers import running_server, vllm_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -29,31 +28,18 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory):
-    from miotts_stream.demo_model import ensure_demo_model
-
-    options = ServerOptions(
-        model=str(ensure_demo_model("tiny")),
+    options = vllm_options(
         data_dir=str(tmp_path_factory.mktemp("voices")),  # not the developer's .data/
-        codec=str(TINY_CODECS["24khz"]),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         max_streams=4,
         metrics_port=None,
         max_text_chars=MAX_TEXT_CHARS,
-        max_model_len=512,
-        kv_cache_gib=0.5,
-        enforce_eager=True,
         idle_timeout_s=IDLE_S,
         stall_timeout_s=STALL_S,
         max_stream_s=MAX_STREAM_S,
         max_receive_message_bytes=4 * MB,  # the default (16 MiB, for reference audio) is larger
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest_asyncio.fixture(loop_scope="module")

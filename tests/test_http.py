@@ -23,10 +23,9 @@ import websockets
 from miotts_stream.audio.decoders import decode_audio
 from miotts_stream.audio.encoders import Encoding
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
 from .audio_files import encode, voice_like
-from .conftest import TINY_CODECS
+from .servers import running_server, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,25 +39,18 @@ STANDIN_RATE = 100.0  # stand-in codes per second
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory, tiny_wavlm):
-    options = ServerOptions(
-        codec=str(TINY_CODECS["24khz"]),
+    options = tiny_codec_options(
         ssl_model=str(tiny_wavlm),
         llm_standin_rate=STANDIN_RATE,
         data_dir=str(tmp_path_factory.mktemp("voices")),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         http_port=0,
         metrics_port=0,
         max_streams=3,
         max_text_chars=2000,
         api_keys=[KEY],
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -156,17 +148,26 @@ async def test_openai_client_streams_every_format(client, server, response_forma
     await released(server)
 
 
+def long_speech(client: openai.AsyncOpenAI, text: str, response_format: str = "pcm", **fields):
+    """A streamed speech request of 120 tokens (4.8 s of audio) in a preset voice."""
+    return client.audio.speech.with_streaming_response.create(
+        model="miotts",
+        voice="en_female",
+        input=text,
+        response_format=response_format,
+        extra_body={"max_tokens": 120},
+        **fields,
+    )
+
+
 async def test_the_first_bytes_leave_while_the_rest_is_still_generated(client, server):
     """Streaming, not buffering: the first audio reaches the client while the server's session
     is still generating (4.8 s of audio at 100 codes/s takes 1.2 s)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with client.audio.speech.with_streaming_response.create(
-        model="miotts",
-        voice="en_female",
-        input="A longer sentence, so that generating it takes a while before the end.",
-        response_format="pcm",
-        extra_body={"max_tokens": 120},
+    async with long_speech(
+        client,
+        "A longer sentence, so that generating it takes a while before the end.",
     ) as response:
         chunks = response.iter_bytes()
         first = await anext(chunks)
@@ -204,12 +205,9 @@ async def test_the_first_bytes_leave_while_the_rest_is_still_generated(client, s
 
 
 async def test_a_client_that_goes_away_leaves_nothing_running(client, ws_url, server):
-    async with client.audio.speech.with_streaming_response.create(
-        model="miotts",
-        voice="en_female",
-        input="A sentence that will not be heard to its end, because the client leaves.",
-        response_format="pcm",
-        extra_body={"max_tokens": 120},
+    async with long_speech(
+        client,
+        "A sentence that will not be heard to its end, because the client leaves.",
     ) as response:
         assert await anext(response.iter_bytes())
     await released(server)  # closed after its first chunk: session and LLM request ended
@@ -229,13 +227,11 @@ async def test_a_failure_after_the_first_byte(client, server, stream_format):
     body is cut off before its final chunk (never a short file that looks whole)."""
     from miotts_stream.service.engine import ErrorCode, SessionError
 
-    async with client.audio.speech.with_streaming_response.create(
-        model="miotts",
-        voice="en_female",
-        input="A sentence that the server will fail halfway, as a drain would.",
+    async with long_speech(
+        client,
+        "A sentence that the server will fail halfway, as a drain would.",
         response_format="wav",
         stream_format=stream_format,
-        extra_body={"max_tokens": 120},
     ) as response:
         chunks = response.iter_bytes()
         assert await anext(chunks)
@@ -296,9 +292,13 @@ async def test_keys_are_required_on_every_route(base_url, ws_url, server):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base_url}/v1/voices") as response:
             assert response.status == 401
-        async with http.get(f"{base_url}/") as response:  # the demo page itself is open
+        # The demo page and its script are open: a browser sends no key for them.
+        async with http.get(f"{base_url}/") as response:
+            assert response.status == 200 and response.content_type == "text/html"
+            assert '<script src="/static/demo.js">' in await response.text()
+        async with http.get(f"{base_url}/static/demo.js") as response:
             assert response.status == 200
-            assert "AudioWorklet" in await response.text() or response.content_type == "text/html"
+            assert "AudioWorklet" in await response.text()
     with pytest.raises(websockets.InvalidStatus) as refused:
         async with websockets.connect(ws_url):
             pass

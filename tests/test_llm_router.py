@@ -24,9 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from miotts_stream.llm import LLMRouter, LLMUnavailableError, SamplingOptions
 from miotts_stream.llm.router import MID_STREAM_MESSAGE, NO_SERVER_MESSAGE
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-from .conftest import TINY_CODECS
+from .servers import running_server, tiny_codec_options
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_TEXT = "A sentence long enough to keep a slow stand-in busy for a good while. " * 3
@@ -231,20 +230,14 @@ def test_the_router_refuses_bad_settings():
 async def test_the_service_fails_over_and_reports_a_mid_stream_loss_as_unavailable(
     standins, tmp_path
 ):
-    options = ServerOptions(
-        codec=str(TINY_CODECS["24khz"]),
+    options = tiny_codec_options(
         data_dir=str(tmp_path),
         llm_base_url=[s.url for s in standins],
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         metrics_port=0,
         max_streams=4,
     )
-    engine = await build_engine(options)
-    server = MioTTSServer(engine, options)
-    await server.start()
-    try:
+    async with running_server(options) as server:
+        engine = server.engine
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = tts_pb2_grpc.TextToSpeechStub(channel)
             standins[0].kill()
@@ -294,8 +287,6 @@ async def test_the_service_fails_over_and_reports_a_mid_stream_loss_as_unavailab
             await standins[1].start()  # the same port
             serving = health_pb2.HealthCheckResponse.SERVING
             await until(lambda: health_is(serving), "health SERVING with a server back", 1300)
-    finally:
-        await server.stop(grace=0.5)
 
 
 async def scrape(port: int) -> str:

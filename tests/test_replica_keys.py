@@ -10,9 +10,8 @@ import grpc
 import pytest
 
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-from .conftest import TINY_CODECS
+from .servers import running_servers, tiny_codec_options
 
 
 async def list_voices(port: int, key: str) -> grpc.StatusCode:
@@ -29,22 +28,16 @@ async def list_voices(port: int, key: str) -> grpc.StatusCode:
 async def test_a_rotated_shared_key_file_takes_effect_on_every_replica(tmp_path):
     keys = tmp_path / "keys.txt"  # on a cluster: one Secret mounted into every replica
     keys.write_text("old-key-0001 name=team\n")
-    servers = []
-    try:
-        for name in ("a", "b"):
-            options = ServerOptions(
-                codec=str(TINY_CODECS["24khz"]),
-                data_dir=str(tmp_path / name),
-                llm_standin_rate=100.0,
-                device="cpu",
-                host="127.0.0.1",
-                port=0,
-                metrics_port=None,
-                api_keys_file=str(keys),
-            )
-            server = MioTTSServer(await build_engine(options), options)
-            await server.start()
-            servers.append(server)
+    replicas = (
+        tiny_codec_options(
+            data_dir=str(tmp_path / name),
+            llm_standin_rate=100.0,
+            metrics_port=None,
+            api_keys_file=str(keys),
+        )
+        for name in ("a", "b")
+    )
+    async with running_servers(replicas, grace=0.2) as servers:
         for server in servers:
             assert await list_voices(server.port, "old-key-0001") == grpc.StatusCode.OK
 
@@ -60,9 +53,6 @@ async def test_a_rotated_shared_key_file_takes_effect_on_every_replica(tmp_path)
         keys.write_text("# emptied by mistake\n")  # refused: the keys in force stay
         assert not await servers[0].refresh_keys()
         assert await list_voices(servers[0].port, "new-key-0002") == grpc.StatusCode.OK
-    finally:
-        for server in servers:
-            await server.stop(grace=0.2)
 
 
 # ---- keys in PostgreSQL (--api-keys-db) ----------------------------------------------------
@@ -105,23 +95,17 @@ async def test_keys_added_and_removed_in_the_database_reach_every_replica(
     url = postgres_server.create_database()
     store = PostgresKeySource(url)
     first = store.add("ops")  # a server refuses to start on an empty key table
-    servers = []
-    try:
-        for name in ("a", "b"):
-            options = ServerOptions(
-                codec=str(TINY_CODECS["24khz"]),
-                data_dir=str(tmp_path / name),
-                llm_standin_rate=100.0,
-                device="cpu",
-                host="127.0.0.1",
-                port=0,
-                metrics_port=None,
-                api_keys_db=url,
-                api_keys_refresh_s=0.1,
-            )
-            server = MioTTSServer(await build_engine(options), options)
-            await server.start()
-            servers.append(server)
+    replicas = (
+        tiny_codec_options(
+            data_dir=str(tmp_path / name),
+            llm_standin_rate=100.0,
+            metrics_port=None,
+            api_keys_db=url,
+            api_keys_refresh_s=0.1,
+        )
+        for name in ("a", "b")
+    )
+    async with running_servers(replicas, grace=0.2) as servers:
 
         async def everywhere(key: str, code: grpc.StatusCode) -> None:
             for _ in range(200):  # bounded: the servers read the table every 0.1 s
@@ -146,6 +130,3 @@ async def test_keys_added_and_removed_in_the_database_reach_every_replica(
                 assert await list_voices(servers[0].port, first) == grpc.StatusCode.OK
             finally:
                 admin.execute(f"ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS true")
-    finally:
-        for server in servers:
-            await server.stop(grace=0.2)

@@ -19,7 +19,8 @@ from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
 from .audio_files import encode, voice_like
-from .conftest import TINY_CODECS
+from .servers import running_servers, tiny_codec_options
+from .servers import speak as speak_seeded
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -29,16 +30,12 @@ CLIPS = [
 
 
 def replica_options(voice_store: str, data_dir: str, wavlm: str) -> ServerOptions:
-    return ServerOptions(
-        codec=str(TINY_CODECS["24khz"]),
+    return tiny_codec_options(
         ssl_model=wavlm,
         data_dir=data_dir,  # unused with a --voice-store; each replica has its own anyway
         voice_store=voice_store,
         llm_standin_rate=400.0,
         llm_standin_prefill_ms=1.0,
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         max_streams=4,
         metrics_port=None,
     )
@@ -48,18 +45,12 @@ def replica_options(voice_store: str, data_dir: str, wavlm: str) -> ServerOption
 async def replicas(postgres_server, tmp_path_factory, tiny_wavlm):
     # A call waits at most 1 s for a connection (the default is 5 s) when the database is gone.
     url = postgres_server.create_database() + "&connect_timeout=1"
-    servers = []
-    try:
-        for name in ("a", "b"):
-            options = replica_options(url, str(tmp_path_factory.mktemp(name)), str(tiny_wavlm))
-            engine = await build_engine(options)
-            server = MioTTSServer(engine, options)
-            await server.start()
-            servers.append(server)
+    options = (
+        replica_options(url, str(tmp_path_factory.mktemp(name)), str(tiny_wavlm))
+        for name in ("a", "b")
+    )
+    async with running_servers(options) as servers:
         yield servers
-    finally:
-        for server in servers:
-            await server.stop(grace=0.5)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -72,31 +63,9 @@ async def stubs(replicas):
             await channel.close()
 
 
-def speak_config(voice: tts_pb2.Voice) -> tts_pb2.SynthesisConfig:
-    """Seeded, decoded in one window once all tokens are in: the audio depends on the tokens
-    and the voice only, so two replicas with the same voice give the same samples."""
-    return tts_pb2.SynthesisConfig(
-        voice=voice,
-        audio=tts_pb2.AudioFormat(encoding=tts_pb2.PCM_F32LE),
-        generation=tts_pb2.GenerationOptions(seed=5, max_tokens=16),
-        streaming=tts_pb2.StreamingOptions(
-            first_chunk_tokens=32, chunk_tokens=32, lookahead_tokens=1
-        ),
-    )
-
-
 async def speak(stub, voice: tts_pb2.Voice) -> np.ndarray:
-    async def requests():
-        yield tts_pb2.StreamingSynthesizeRequest(config=speak_config(voice))
-        yield tts_pb2.StreamingSynthesizeRequest(text="Hello there.")
-        yield tts_pb2.StreamingSynthesizeRequest(end_of_input=tts_pb2.EndOfInput())
-
-    data = b""
-    call = stub.StreamingSynthesize(requests())
-    async for response in call:
-        if response.WhichOneof("response") == "audio":
-            data += response.audio.data
-    return np.frombuffer(data, dtype="<f4")
+    """Seeded and decoded in one window: two replicas with the same voice give the same samples."""
+    return await speak_seeded(stub, voice, seed=5)
 
 
 async def status_of(awaitable) -> grpc.StatusCode:

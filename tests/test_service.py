@@ -18,9 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from miotts_stream.audio.decoders import decode_audio
 from miotts_stream.audio.encoders import Encoding
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-from .conftest import TINY_CODECS
+from .servers import running_server, tiny_codec_options, vllm_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -30,27 +29,14 @@ SPT = 960  # samples per token of the 24 kHz codec
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory):
-    from miotts_stream.demo_model import ensure_demo_model
-
-    options = ServerOptions(
+    options = vllm_options(
         data_dir=str(tmp_path_factory.mktemp("voices")),
-        model=str(ensure_demo_model("tiny")),
-        codec=str(TINY_CODECS["24khz"]),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         max_streams=5,
         metrics_port=0,
         max_text_chars=400,
-        max_model_len=512,
-        kv_cache_gib=0.5,
-        enforce_eager=True,
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -392,20 +378,14 @@ async def test_over_max_streams_is_resource_exhausted(stub, server):
 
 
 async def test_unreachable_llm_is_unavailable(unused_tcp_port, tmp_path):
-    options = ServerOptions(
+    options = tiny_codec_options(
         data_dir=str(tmp_path),
-        codec=str(TINY_CODECS["24khz"]),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         metrics_port=None,
         llm_base_url=f"http://127.0.0.1:{unused_tcp_port}/v1",
         llm_model="nothing-listens-here",
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    try:
+    async with running_server(options, grace=0.2) as srv:
+        engine = srv.engine
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = tts_pb2_grpc.TextToSpeechStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -421,8 +401,6 @@ async def test_unreachable_llm_is_unavailable(unused_tcp_port, tmp_path):
                     break
                 await asyncio.sleep(0.02)
             assert not engine.sessions
-    finally:
-        await srv.stop(grace=0.2)
 
 
 async def expect_internal(stub, server, text: str, message: str) -> None:

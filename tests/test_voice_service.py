@@ -19,11 +19,12 @@ import pytest_asyncio
 
 from miotts_stream.audio.reference import AudioLimits
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
+from miotts_stream.service.server import MioTTSServer, ServerOptions
 from miotts_stream.voices.registry import embed_reference_audio
 
 from .audio_files import encode, voice_like
 from .conftest import TINY_CODECS
+from .servers import running_server, speak, vllm_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -34,61 +35,20 @@ OTHER_CLIP = encode(voice_like(2.0, 24000, seed=12, f0=220.0), 24000, "flac")
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def server(tmp_path_factory, tiny_wavlm):
-    from miotts_stream.demo_model import ensure_demo_model
-
-    options = ServerOptions(
-        model=str(ensure_demo_model("tiny")),
-        codec=str(TINY_CODECS["24khz"]),
+    options = vllm_options(
         ssl_model=str(tiny_wavlm),
         data_dir=str(tmp_path_factory.mktemp("voice-store")),
-        device="cpu",
-        host="127.0.0.1",
-        port=0,
         max_streams=4,
         metrics_port=None,
-        max_model_len=512,
-        kv_cache_gib=0.5,
-        enforce_eager=True,
     )
-    engine = await build_engine(options)
-    srv = MioTTSServer(engine, options)
-    await srv.start()
-    yield srv
-    await srv.stop(grace=0.5)
+    async with running_server(options) as srv:
+        yield srv
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def stub(server):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield tts_pb2_grpc.TextToSpeechStub(channel)
-
-
-def speak_config(voice: tts_pb2.Voice, seed: int = 3) -> tts_pb2.SynthesisConfig:
-    """One sentence, seeded, decoded in one window once all its tokens are in (a first chunk
-    longer than max_tokens): the audio depends on the tokens and the voice, not on timing."""
-    return tts_pb2.SynthesisConfig(
-        voice=voice,
-        audio=tts_pb2.AudioFormat(encoding=tts_pb2.PCM_F32LE),
-        generation=tts_pb2.GenerationOptions(seed=seed, max_tokens=16),
-        streaming=tts_pb2.StreamingOptions(
-            first_chunk_tokens=32, chunk_tokens=32, lookahead_tokens=1
-        ),
-    )
-
-
-async def speak(stub, voice: tts_pb2.Voice) -> np.ndarray:
-    """Stream one short sentence with `voice`; the audio as float32."""
-
-    async def requests():
-        yield tts_pb2.StreamingSynthesizeRequest(config=speak_config(voice))
-        yield tts_pb2.StreamingSynthesizeRequest(text="Hello there.")
-        yield tts_pb2.StreamingSynthesizeRequest(end_of_input=tts_pb2.EndOfInput())
-
-    data = b""
-    async for response in stub.StreamingSynthesize(requests()):
-        if response.WhichOneof("response") == "audio":
-            data += response.audio.data
-    return np.frombuffer(data, dtype="<f4")
 
 
 def by_embedding(values) -> tts_pb2.Voice:
