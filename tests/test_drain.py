@@ -23,7 +23,9 @@ from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from .conftest import TINY_CODECS
 
 ROOT = Path(__file__).resolve().parents[1]
-DRAIN_S = 4.0
+# Long enough for the short request to finish on a loaded 2-core machine; the held stream
+# takes all of it, so it is the test's cost too.
+DRAIN_S = 8.0
 
 
 def _config(max_tokens: int) -> tts_pb2.SynthesisConfig:
@@ -69,10 +71,13 @@ async def test_signal_drains_then_exits_zero(sig, tmp_path):
                 await asyncio.sleep(0.5)
             stub = tts_pb2_grpc.TextToSpeechStub(channel)
 
-            # In flight and finishing: a short text, all sent.
+            # In flight and finishing: a short text, all sent. Its first response shows the
+            # server took it before the signal (otherwise the drain refuses it, by design).
             finishing = stub.Synthesize(
                 tts_pb2.SynthesizeRequest(config=_config(12), text="Almost done.")
             )
+            first = await finishing.read()
+            assert first is not grpc.aio.EOF
             # In flight and never finishing by itself: the client keeps the stream open.
             hold = asyncio.Event()
 
@@ -87,7 +92,7 @@ async def test_signal_drains_then_exits_zero(sig, tmp_path):
 
             process.send_signal(sig)
             signalled = time.monotonic()
-            for _ in range(100):
+            for _ in range(200):
                 if await _health(channel) != health_pb2.HealthCheckResponse.SERVING:
                     break
                 await asyncio.sleep(0.05)
@@ -101,7 +106,9 @@ async def test_signal_drains_then_exits_zero(sig, tmp_path):
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in caught.value.details()
 
-            kinds = [r.WhichOneof("response") async for r in finishing]
+            kinds = [first.WhichOneof("response")]
+            while (response := await finishing.read()) is not grpc.aio.EOF:
+                kinds.append(response.WhichOneof("response"))
             assert kinds[-1] == "summary"  # finished normally during the drain
 
             with contextlib.suppress(grpc.aio.AioRpcError):
