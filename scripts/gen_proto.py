@@ -3,8 +3,11 @@
     python scripts/gen_proto.py [--check]
 
 protoc emits absolute imports (`from miotts.v1 import tts_pb2`); we rewrite them to the
-package path so the generated modules import without touching sys.path. `--check` fails if the
-committed files differ from a fresh generation (a test runs it).
+package path so the generated modules import without touching sys.path. Generation always runs
+in a fresh folder; only its `.py` and `.pyi` files are copied over (never the `__pycache__`
+beside them). `--check` fails if the committed files differ from a fresh generation (a test runs
+it). The code depends on the grpcio-tools version (it names it), so run this with the locked one
+(`.venv/bin/python scripts/gen_proto.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def generate(out: Path) -> None:
     )
     if code != 0:
         raise SystemExit(f"protoc failed ({code})")
-    for path in out.rglob("*.py*"):
+    for path in _sources(out):
         text = path.read_text()
         path.write_text(text.replace("from miotts.v1 import", f"from {PACKAGE}.miotts.v1 import"))
     for folder in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
@@ -55,15 +58,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    if not args.check:
-        generate(OUT)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = {p.relative_to(tmp): p.read_text() for p in _sources(Path(tmp))}
     committed = {p.relative_to(OUT): p.read_text() for p in _sources(OUT)}
-    if fresh != committed:
-        sys.exit("generated gRPC code is stale: run python scripts/gen_proto.py")
+    if args.check:
+        if fresh != committed:
+            sys.exit("generated gRPC code is stale: run python scripts/gen_proto.py")
+        return
+    for stale in committed.keys() - fresh.keys():
+        (OUT / stale).unlink()
+    for relative, text in fresh.items():
+        (OUT / relative).parent.mkdir(parents=True, exist_ok=True)
+        (OUT / relative).write_text(text)
 
 
 if __name__ == "__main__":
