@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 
 debian_packages=()
-if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
+if ! ldconfig -p 2>/dev/null | grep 'libopus\.so\.0' >/dev/null; then
   debian_packages+=(libopus0)
 fi
 # HAProxy: the load balancer of deploy/haproxy/, run by tests/test_haproxy.py.

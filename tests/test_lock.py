@@ -20,7 +20,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = {target: ROOT / "locks" / f"{target}.txt" for target in ("cpu", "cuda")}
-GENERATED_GRPC = ROOT / "miotts_stream" / "service" / "pb" / "miotts" / "v1" / "tts_pb2_grpc.py"
+GENERATED = ROOT / "miotts_stream" / "service" / "pb" / "miotts" / "v1"
 
 
 def pins(path: Path) -> dict[str, Version]:
@@ -67,15 +67,22 @@ def test_both_targets_run_the_same_engine_and_grpc():
         assert cpu[name] == cuda[name], name
 
 
-def test_generated_grpc_code_comes_from_the_locked_grpcio_tools():
-    generated = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", GENERATED_GRPC.read_text())
-    assert generated is not None
-    version = Version(generated.group(1))
-    assert version == pins(LOCKS["cpu"])["grpcio-tools"]
-    # The generated module refuses to import under an older grpcio.
-    grpcio = next(r for r in project_requirements() if r.name == "grpcio")
-    assert all(not spec.contains(Version("0")) for spec in grpcio.specifier)
-    assert min(Version(spec.version) for spec in grpcio.specifier) >= version
+def floor(name: str) -> Version:
+    """The lowest version pyproject.toml allows for `name` (it must have a `>=`)."""
+    requirement = next(r for r in project_requirements() if r.name == name)
+    return min(Version(spec.version) for spec in requirement.specifier if spec.operator == ">=")
+
+
+def test_generated_code_comes_from_the_locked_grpcio_tools():
+    grpc_code = (GENERATED / "tts_pb2_grpc.py").read_text()
+    grpc_version = Version(re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", grpc_code).group(1))
+    assert grpc_version == pins(LOCKS["cpu"])["grpcio-tools"]
+    protobuf_code = (GENERATED / "tts_pb2.py").read_text()
+    protobuf_version = Version(re.search(r"Protobuf Python Version: (\S+)", protobuf_code).group(1))
+    # The generated modules refuse to import under an older grpcio or protobuf: the project's
+    # floors must say so.
+    assert floor("grpcio") >= grpc_version
+    assert floor("protobuf") >= protobuf_version
 
 
 @pytest.mark.skipif(

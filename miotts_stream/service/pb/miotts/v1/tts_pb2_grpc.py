@@ -5,7 +5,7 @@ import warnings
 
 from miotts_stream.service.pb.miotts.v1 import tts_pb2 as miotts_dot_v1_dot_tts__pb2
 
-GRPC_GENERATED_VERSION = '1.85.4'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
