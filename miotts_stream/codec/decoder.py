@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from miotts_stream.speech_codes import TOKEN_RATE_HZ
+
 from .checkpoint import load_decoder_model, resolve_checkpoint
 from .config import CodecConfig, as_codec_config
 from .layers import GroupStats, Transformer
@@ -29,8 +31,6 @@ if TYPE_CHECKING:
     from .streaming import PlaybackClock, StreamingOptions, StreamSlots, TokenStreamDecoder
 
 logger = logging.getLogger(__name__)
-
-TOKEN_RATE_HZ = 25
 
 # Configurations of the released codecs (upstream config/model/25hz_wave*.yaml), for building
 # full-size decoders with random weights: the service's built-in default, tests, benchmarks.

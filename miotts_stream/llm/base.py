@@ -14,9 +14,6 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from miotts_stream.text import normalize_text
 
-NUM_SPEECH_CODES = 12800
-TOKENS_PER_SECOND = 25
-
 
 class LLMError(Exception):
     """The speech LLM failed this request."""
