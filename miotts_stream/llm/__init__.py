@@ -8,6 +8,7 @@ and `LLMRouter` (several such servers: least in flight, failover, health probes)
 from miotts_stream.speech_codes import NUM_SPEECH_CODES, TOKEN_RATE_HZ
 
 from .base import (
+    EmptyTextError,
     EngineState,
     LLMError,
     LLMRequestError,
@@ -35,6 +36,7 @@ from .vllm_source import (
 __all__ = [
     "NUM_SPEECH_CODES",
     "TOKEN_RATE_HZ",
+    "EmptyTextError",
     "EngineState",
     "LLMError",
     "LLMRequestError",

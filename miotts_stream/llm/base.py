@@ -37,6 +37,11 @@ class LLMRequestError(LLMError):
     """The LLM refused the request as invalid (bad options, text too long, unknown model)."""
 
 
+class EmptyTextError(LLMRequestError):
+    """The text normalizes to nothing (punctuation alone, "...", "—"): there is nothing to say.
+    Raised by `TokenSource.stream` before any request is made."""
+
+
 class EngineState(enum.Enum):
     """Whether a source's engine can take requests (sources that run one in process)."""
 
@@ -281,7 +286,9 @@ class TokenSource(Protocol):
         language: str = "auto",
     ) -> TokenStream:
         """Starts (lazily, on first iteration) generating speech for one piece of raw text:
-        the source normalizes it (`normalize_text(text, language)`) and builds the prompt."""
+        the source normalizes it (`normalize_text(text, language)`, the one place text is
+        normalized) and builds the prompt. Text that normalizes to nothing raises
+        `EmptyTextError` here, as do other bad requests (`LLMRequestError`)."""
         ...
 
     async def close(self) -> None: ...
@@ -304,5 +311,5 @@ def prepare_text(text: str, language: str) -> str:
     except ValueError as err:  # an unknown language
         raise LLMRequestError(str(err)) from err
     if not normalized:
-        raise LLMRequestError("text is empty after normalization")
+        raise EmptyTextError("text is empty after normalization")
     return normalized

@@ -32,13 +32,13 @@ from miotts_stream.audio.encoders import EncodedAudio, Encoding, make_encoder
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
 from miotts_stream.codec.streaming import StreamingOptions, TokenStreamDecoder
 from miotts_stream.llm import (
+    EmptyTextError,
     LLMError,
     LLMRequestError,
     LLMUnavailableError,
     SamplingOptions,
     TokenSource,
 )
-from miotts_stream.text import normalize_text
 from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
 
 from .scheduler import MAX_QUEUED_CHUNKS, DecodeFailed, DecodeScheduler, ScheduledStream
@@ -401,17 +401,18 @@ class SynthesisSession:
                 stream.clock = self._clock_for(segment)
                 segment.scheduled = engine.scheduler.register(stream)
                 segment.started.set()
-                if not normalize_text(segment.text, self.config.language):
+                try:
+                    tokens = engine.source.stream(
+                        segment.text,
+                        self.config.sampling,
+                        request_id=f"{self.id}-{segment.index}",
+                        language=self.config.language,
+                    )
+                except EmptyTextError:
                     # Punctuation alone ("...", "—"): nothing to say, and no reason to fail.
                     stream.mark_finished()
                     engine.scheduler.wake(segment.scheduled)
                     continue
-                tokens = engine.source.stream(
-                    segment.text,
-                    self.config.sampling,
-                    request_id=f"{self.id}-{segment.index}",
-                    language=self.config.language,
-                )
                 try:
                     # Codes in batches: whatever arrived since the last step, validated at once.
                     while codes := await tokens.next_codes():
