@@ -224,8 +224,8 @@ class SpeechEngine:
         if len(self.sessions) >= self.max_streams:
             raise SessionError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"server busy: {len(self.sessions)} streams open (--max-streams "
-                f"{self.max_streams}); retry later",
+                f"server busy: {len(self.sessions)} streams open, the most this server takes "
+                f"at once is {self.max_streams}; retry later",
             )
         session = SynthesisSession(self, config)
         self.sessions.add(session)
@@ -354,21 +354,22 @@ class SynthesisSession:
         if 0 < limits.max_stream_s < now - self.started_at:
             return SessionError(
                 ErrorCode.DEADLINE_EXCEEDED,
-                f"stream: open longer than the limit of {limits.max_stream_s:g} s "
-                "(--max-stream-s); split long texts into several streams",
+                f"stream: open longer than the limit of {limits.max_stream_s:g} s for one "
+                "stream; split long texts into several streams",
             )
         offered = self.event_offered_at
         if offered is not None and 0 < limits.stall_s < now - offered:
             return SessionError(
                 ErrorCode.DEADLINE_EXCEEDED,
-                f"stream: the client read nothing for {limits.stall_s:g} s (--stall-timeout-s)",
+                f"stream: the client read nothing for {limits.stall_s:g} s, the limit for a "
+                "stream whose audio waits",
             )
         waiting = self.waiting_for_input_since
         if waiting is not None and 0 < limits.idle_s < now - max(waiting, self.last_input_at):
             return SessionError(
                 ErrorCode.DEADLINE_EXCEEDED,
                 f"stream: idle, no message for {limits.idle_s:g} s while nothing was pending "
-                "(--idle-timeout-s)",
+                "(the idle limit)",
             )
         return None
 
