@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
-from miotts_stream.codec import MioCodecDecoder, load_voice
-from miotts_stream.codec.streaming import (
-    StreamingOptions,
-    decode_step,
-    forward_windows,
-)
+from miotts_stream.codec import MioCodecDecoder, StreamingOptions, load_voice
 
 from .conftest import FULL_CONFIGS
 
@@ -157,7 +152,8 @@ def test_batched_streams_equal_streams_decoded_alone(full_decoder):
         chunks = [c for piece in stream_pieces for c in stream.push(piece)] + stream.finish()
         alone.append(torch.cat(chunks))
 
-    streams = [full_decoder.stream(v) for v in voices]
+    batcher = full_decoder.batcher()
+    streams = [batcher.open(v) for v in voices]
     outputs: list[list[torch.Tensor]] = [[] for _ in streams]
     batch_sizes = []
     for round_index in range(max(len(p) for p in pieces) + 1):
@@ -166,7 +162,7 @@ def test_batched_streams_equal_streams_decoded_alone(full_decoder):
                 stream.push_tokens(stream_pieces[round_index])
             else:
                 stream.mark_finished()
-        while produced := decode_step(full_decoder, streams):
+        while produced := batcher.step(streams):
             batch_sizes.append(len(produced))
             for i, chunk in produced.items():
                 outputs[i].append(chunk)
@@ -183,11 +179,12 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
     longer chunk and more right context, up to the caps."""
     tokens, voice, _ = utterance
     options = StreamingOptions()
-    just_in_time = full_decoder.stream(voice, options)
+    batcher = full_decoder.batcher()
+    just_in_time = batcher.open(voice, options)
     just_in_time.push_tokens(tokens[:6])
     first = just_in_time.next_window()
     assert (first.chunk_start, first.chunk_end, first.stop) == (0, 4, 6)
-    forward_windows(full_decoder, [first]).apply()
+    batcher.decode([first])
     need = 4 + options.chunk_tokens + options.lookahead_tokens
     just_in_time.push_tokens(tokens[6 : need - 1])
     assert just_in_time.next_window() is None  # one token short of the lookahead it waits for
@@ -195,11 +192,11 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
     window = just_in_time.next_window()
     assert (window.chunk_end, window.stop) == (4 + options.chunk_tokens, need)
 
-    ahead = full_decoder.stream(voice, options)
+    ahead = batcher.open(voice, options)
     ahead.push_tokens(tokens)  # the LLM ran far ahead
     first = ahead.next_window()
     assert (first.chunk_end, first.stop) == (4, 4 + options.lookahead_cap)
-    forward_windows(full_decoder, [first]).apply()
+    batcher.decode([first])
     window = ahead.next_window()
     assert window.chunk_end == 4 + options.chunk_cap
     assert window.stop == window.chunk_end + options.lookahead_cap
