@@ -263,13 +263,12 @@ class TokenStreamDecoder:
         if start >= available:
             return None
         first = start == 0
-        if first:
-            chunk_end, wanted_lookahead = (
-                start + opts.first_chunk_tokens,
-                opts.first_lookahead_tokens,
-            )
+        if first:  # short, for early audio; it always waits for its (short) lookahead
+            chunk_end = start + opts.first_chunk_tokens
+            wanted_lookahead = opts.first_lookahead_tokens
         else:
-            chunk_end, wanted_lookahead = self._grown_chunk_end(start), opts.lookahead_tokens
+            chunk_end = self._grown_chunk_end(start)
+            wanted_lookahead = opts.lookahead_tokens
         if self.finished:
             chunk_end = min(chunk_end, available)
         elif available < chunk_end + wanted_lookahead:
