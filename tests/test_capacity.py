@@ -12,12 +12,12 @@ import pytest
 import torch
 from aiohttp import web
 
-from miotts_stream.codec import MioCodecDecoder
-from miotts_stream.codec.streaming import StreamingOptions, batch_bucket, forward_windows
+from miotts_stream.codec import MioCodecDecoder, StreamingOptions
+from miotts_stream.codec.batcher import batch_bucket
 from miotts_stream.llm import OpenAITokenSource, SamplingOptions
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 from miotts_stream.llm.standin_server import StandInServer
-from miotts_stream.service.scheduler import DecodeFailed, DecodeScheduler
+from miotts_stream.service.scheduler import DecodeFailed, DecodeScheduler, DecodeStream
 
 from .conftest import TINY_CODECS
 
@@ -29,12 +29,14 @@ def tiny_decoder():
     return MioCodecDecoder.from_pretrained(TINY_CODECS["24khz"], device="cpu")
 
 
-async def drain(queue: asyncio.Queue) -> list:
+async def drain(stream: DecodeStream) -> list:
+    """The stream's chunks, then the `DecodeFailed` that ended it, if one did."""
     items = []
-    while (item := await queue.get()) is not None:
-        items.append(item)
-        if isinstance(item, DecodeFailed):
-            break
+    try:
+        async for chunk in stream:
+            items.append(chunk)
+    except DecodeFailed as failure:
+        items.append(failure)
     return items
 
 
@@ -104,11 +106,28 @@ async def test_connection_pool_holds_more_than_100_remote_streams(unused_tcp_por
 # ---- the decode loop ------------------------------------------------------------------------
 
 
-def ready_stream(decoder, tokens: int, seed: int, options: StreamingOptions | None = None):
+def random_voice_and_codes(tokens: int, seed: int) -> tuple[torch.Tensor, list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    stream = decoder.stream(torch.randn(128, generator=gen), options)
-    stream.push_tokens(torch.randint(0, 12800, (tokens,), generator=gen).tolist())
+    voice = torch.randn(128, generator=gen)
+    return voice, torch.randint(0, 12800, (tokens,), generator=gen).tolist()
+
+
+def ready_stream(open_stream, tokens: int, seed: int, options: StreamingOptions | None = None):
+    """A stream whose codes are all in, from `open_stream`: a decoder's `stream` (a stream
+    decoded alone) or a batcher's `open` (streams decoded in shared steps)."""
+    voice, codes = random_voice_and_codes(tokens, seed)
+    stream = open_stream(voice, options)
+    stream.push_tokens(codes)
     stream.mark_finished()
+    return stream
+
+
+def open_ready(scheduler: DecodeScheduler, tokens: int, seed: int, options=None) -> DecodeStream:
+    """A scheduler's stream whose codes are all in."""
+    voice, codes = random_voice_and_codes(tokens, seed)
+    stream = scheduler.open(voice, options)
+    stream.push(codes)
+    stream.finish()
     return stream
 
 
@@ -116,13 +135,13 @@ async def test_a_new_stream_goes_ahead_of_steady_windows(tiny_decoder):
     scheduler = DecodeScheduler(tiny_decoder, max_batch=2)
     scheduler.start()
     try:
-        steady = [scheduler.register(ready_stream(tiny_decoder, 400, i)) for i in range(8)]
+        steady = [open_ready(scheduler, 400, i) for i in range(8)]
         while scheduler.steps < 10:  # every steady stream is past its first chunk
             await asyncio.sleep(0.001)
-        assert all(e.stream.emitted_tokens > 0 for e in steady)
+        assert all(s.queued_chunks > 0 for s in steady)
         registered_at = scheduler.steps
-        newcomer = scheduler.register(ready_stream(tiny_decoder, 30, 99))
-        first = await asyncio.wait_for(newcomer.output.get(), 30)
+        newcomer = open_ready(scheduler, 30, 99)
+        first = await asyncio.wait_for(anext(newcomer), 30)
         assert first.numel() == 4 * tiny_decoder.samples_per_token
         # At most the step already running when it came, then its own: with 8 steady streams
         # and 2 windows a step, a plain round robin would take up to 4 steps.
@@ -130,34 +149,48 @@ async def test_a_new_stream_goes_ahead_of_steady_windows(tiny_decoder):
     finally:
         await scheduler.close()
     assert scheduler.active_streams == 0  # closing let go of the unfinished streams too
+    assert scheduler.slots_in_use == 0
 
 
-async def test_a_failing_window_fails_only_its_own_stream(tiny_decoder):
-    slots_before = tiny_decoder.stream_slots.in_use
+async def test_a_failing_window_fails_only_its_own_stream(tiny_decoder, monkeypatch):
+    """A window whose forward raises, and one that decodes to non-finite samples, fail their own
+    streams; the others in their steps go on. The faults are injected into the real model's
+    trunk by voice: one voice makes it raise, the other overflows it (as a huge embedding,
+    refused at the door, would) into NaN that reaches the slot's statistics and tail."""
+    raises, overflows = torch.full((128,), 7.0), torch.full((128,), -7.0)
+    real_trunk = tiny_decoder.model.trunk
+
+    def faulty_trunk(tokens, speaker, valid, group_stats=None):
+        if (speaker == raises).all(dim=1).any():
+            raise RuntimeError("injected device fault")
+        speaker = torch.where((speaker == overflows).all(dim=1, keepdim=True), 3e38, speaker)
+        return real_trunk(tokens, speaker, valid, group_stats)
+
+    monkeypatch.setattr(tiny_decoder.model, "trunk", faulty_trunk)
     scheduler = DecodeScheduler(tiny_decoder)
     scheduler.start()
     try:
-        healthy = [scheduler.register(ready_stream(tiny_decoder, 60, i)) for i in range(3)]
-        broken_shape = ready_stream(tiny_decoder, 60, 10)
-        broken_shape.embedding = torch.zeros(64)  # the forward raises for this window
-        nan_voice = ready_stream(tiny_decoder, 60, 11)
-        nan_voice.embedding = torch.full((128,), 3e38)  # decodes to non-finite samples
-        broken = [scheduler.register(broken_shape), scheduler.register(nan_voice)]
-        outputs = await asyncio.wait_for(
-            asyncio.gather(*(drain(e.output) for e in healthy + broken)), 120
-        )
+        healthy = [open_ready(scheduler, 60, i) for i in range(3)]
+        broken = []
+        for voice in (raises, overflows):
+            stream = scheduler.open(voice)
+            stream.push(random_voice_and_codes(60, 10)[1])
+            stream.finish()
+            broken.append(stream)
+        outputs = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in healthy + broken)), 120)
         for chunks in outputs[:3]:
             assert not any(isinstance(c, DecodeFailed) for c in chunks)
             assert sum(c.numel() for c in chunks) == 60 * tiny_decoder.samples_per_token
             assert all(torch.isfinite(c).all() for c in chunks)
         for chunks in outputs[3:]:
             assert isinstance(chunks[-1], DecodeFailed)
-        assert "non-finite" in outputs[4][-1].message
+        assert "injected device fault" in str(outputs[3][-1])
+        assert "non-finite" in str(outputs[4][-1])
         assert scheduler.active_streams == 0
-        assert tiny_decoder.stream_slots.in_use == slots_before  # every slot given back
+        assert scheduler.slots_in_use == 0  # every slot given back
         # The NaN stream's slot goes to the next stream, which must not inherit its NaN.
-        after = scheduler.register(ready_stream(tiny_decoder, 30, 12))
-        chunks = await asyncio.wait_for(drain(after.output), 60)
+        after = open_ready(scheduler, 30, 12)
+        chunks = await asyncio.wait_for(drain(after), 60)
         assert chunks and all(torch.isfinite(c).all() for c in chunks)
     finally:
         await scheduler.close()
@@ -167,16 +200,13 @@ async def test_streams_batched_through_the_scheduler_equal_streams_alone(tiny_de
     options = StreamingOptions(chunk_tokens=8, lookahead_tokens=12)
     alone = []
     for i in range(4):
-        stream = ready_stream(tiny_decoder, 70 + 13 * i, i, options)
+        stream = ready_stream(tiny_decoder.stream, 70 + 13 * i, i, options)
         alone.append(torch.cat(stream.finish()))
     scheduler = DecodeScheduler(tiny_decoder, max_batch=4)
     scheduler.start()
     try:
-        entries = [
-            scheduler.register(ready_stream(tiny_decoder, 70 + 13 * i, i, options))
-            for i in range(4)
-        ]
-        outputs = await asyncio.wait_for(asyncio.gather(*(drain(e.output) for e in entries)), 60)
+        streams = [open_ready(scheduler, 70 + 13 * i, i, options) for i in range(4)]
+        outputs = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 60)
         assert scheduler.windows_decoded > scheduler.steps  # windows did share steps
     finally:
         await scheduler.close()
@@ -184,6 +214,37 @@ async def test_streams_batched_through_the_scheduler_equal_streams_alone(tiny_de
         batched = torch.cat(chunks)
         assert batched.shape == solo.shape
         assert (batched - solo).abs().max() <= 1e-5
+
+
+def test_a_stream_holds_one_slot_from_its_first_window_until_done_or_closed(tiny_decoder):
+    batcher = tiny_decoder.batcher()
+    voice, codes = random_voice_and_codes(60, 3)
+    closing, finishing = batcher.open(voice), batcher.open(voice)
+    for stream in (closing, finishing):
+        stream.push_tokens(codes[:5])
+        assert stream.next_window() is None
+        stream.push_tokens(codes[5:])
+        assert stream.next_window() is not None
+    assert batcher.slots_in_use == 0  # planning takes no slot
+    batcher.step([closing, finishing])
+    assert batcher.slots_in_use == 2  # the first windows took them
+    closing.close()
+    closing.close()  # the slot goes back once
+    assert batcher.slots_in_use == 1
+    finishing.mark_finished()
+    while batcher.step([finishing]):
+        pass
+    assert finishing.done and batcher.slots_in_use == 0
+    finishing.close()
+    # Had a slot gone back twice, two new streams would now share it and mix their statistics.
+    fresh = [ready_stream(batcher.open, 60, 20 + i) for i in range(2)]
+    outputs: list[list[torch.Tensor]] = [[], []]
+    while produced := batcher.step(fresh):
+        for i, chunk in produced.items():
+            outputs[i].append(chunk)
+    for i, chunks in enumerate(outputs):
+        solo = torch.cat(ready_stream(tiny_decoder.stream, 60, 20 + i).finish())
+        assert (torch.cat(chunks) - solo).abs().max() <= 1e-5
 
 
 # ---- the benchmark --------------------------------------------------------------------------
@@ -241,17 +302,17 @@ async def test_openai_source_reads_packed_events(unused_tcp_port):
 # ---- fixed step shapes and CUDA graphs --------------------------------------------------------
 
 
-def decode_all(decoder, count: int, fixed_shapes: bool) -> list[torch.Tensor]:
+def decode_all(batcher, count: int, fixed_shapes: bool) -> list[torch.Tensor]:
     """Streams of different lengths decoded in shared steps; each stream's whole audio."""
     options = StreamingOptions(chunk_tokens=8, lookahead_tokens=12)
-    streams = [ready_stream(decoder, 50 + 11 * i, i, options) for i in range(count)]
+    streams = [ready_stream(batcher.open, 50 + 11 * i, i, options) for i in range(count)]
     outputs: list[list[torch.Tensor]] = [[] for _ in streams]
     while True:
         planned = [(i, s.next_window()) for i, s in enumerate(streams)]
         ready = [(i, w) for i, w in planned if w is not None]
         if not ready:
             break
-        decoded = forward_windows(decoder, [w for _, w in ready], fixed_shapes=fixed_shapes)
+        decoded = batcher.forward([w for _, w in ready], fixed_shapes=fixed_shapes)
         for (i, _), chunk in zip(ready, decoded.apply(), strict=True):
             outputs[i].append(chunk)
     assert all(s.done for s in streams)
@@ -262,8 +323,8 @@ def test_fixed_step_shapes_change_nothing(tiny_decoder):
     """Steps padded to a power-of-two batch (with rows that only touch the scratch slot) and a
     fixed output width, as CUDA graphs replay them, give the same audio as exact shapes."""
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
-    exact = decode_all(tiny_decoder, 3, fixed_shapes=False)
-    fixed = decode_all(tiny_decoder, 3, fixed_shapes=True)
+    exact = decode_all(tiny_decoder.batcher(), 3, fixed_shapes=False)
+    fixed = decode_all(tiny_decoder.batcher(), 3, fixed_shapes=True)
     for a, b in zip(exact, fixed, strict=True):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= 1e-5
@@ -272,11 +333,10 @@ def test_fixed_step_shapes_change_nothing(tiny_decoder):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_steps_match_eager_steps():
     decoder = MioCodecDecoder.from_pretrained(TINY_CODECS["24khz"], device="cuda")
-    decoder.use_cuda_graphs = False
-    eager = decode_all(decoder, 5, fixed_shapes=True)
-    decoder.use_cuda_graphs = True
-    graphed = decode_all(decoder, 5, fixed_shapes=True)
-    assert decoder.cuda_graphs.replays > 0 and decoder.cuda_graphs.captures > 0
+    eager = decode_all(decoder.batcher(cuda_graphs=False), 5, fixed_shapes=True)
+    graphs = decoder.batcher(cuda_graphs=True)
+    graphed = decode_all(graphs, 5, fixed_shapes=True)
+    assert graphs.cuda_graphs.replays > 0 and graphs.cuda_graphs.captures > 0
     for a, b in zip(eager, graphed, strict=True):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= 1e-3  # bf16 autocast: same kernels, same order

@@ -228,7 +228,7 @@ CASES = [
      "larger than max"),
     # only a config, then nothing: the idle limit
     ("config-then-silence", [req(config=config())], grpc.StatusCode.DEADLINE_EXCEEDED,
-     "--idle-timeout-s"),
+     "(the idle limit)"),
 ]  # fmt: skip
 
 
@@ -322,7 +322,7 @@ async def test_idle_stream_is_closed_and_its_slot_freed(stub, server):
         async for _ in stub.StreamingSynthesize(requests()):
             pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "idle" in caught.value.details() and "--idle-timeout-s" in caught.value.details()
+    assert f"idle, no message for {IDLE_S:g} s" in caught.value.details()
     assert asyncio.get_running_loop().time() - started < 20  # not the client's own 30 s
     await serves_normally(stub, server)
 
@@ -353,7 +353,7 @@ async def test_ten_thousand_one_character_pieces_respect_max_stream_s(stub, serv
         async for _ in stub.StreamingSynthesize(requests()):
             pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "--max-stream-s" in caught.value.details()
+    assert f"open longer than the limit of {MAX_STREAM_S:g} s" in caught.value.details()
     assert asyncio.get_running_loop().time() - started < MAX_STREAM_S + 20
     await serves_normally(stub, server)
 
@@ -393,7 +393,7 @@ async def test_a_client_that_stops_reading_is_cancelled(server, caplog):
             break
         await asyncio.sleep(0.05)
     assert not server.engine.sessions, "the stalled stream still holds its slot"
-    assert "the client read nothing for 2 s (--stall-timeout-s)" in caplog.text
+    assert "the client read nothing for 2 s, the limit" in caplog.text
     await released(server)
     call.cancel()
     await channel.close()

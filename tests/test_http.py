@@ -533,7 +533,7 @@ async def test_http_and_grpc_share_max_streams_and_metrics(ws_url, base_url, cli
 
             with pytest.raises(openai.RateLimitError) as caught:
                 await client.audio.speech.create(model="m", voice="en_female", input=TEXT)
-            assert "--max-streams 3" in caught.value.body["message"]
+            assert "takes at once is 3" in caught.value.body["message"]
             async with ws_connect(ws_url) as ws:
                 await ws.send(config())
                 refused = await read_until_closed(ws)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
-from miotts_stream.codec import MioCodecDecoder, load_voice
-from miotts_stream.codec.streaming import (
-    StreamingOptions,
-    decode_step,
-    forward_windows,
-)
+from miotts_stream.codec import MioCodecDecoder, StatisticsMode, StreamingOptions, load_voice
 
 from .conftest import FULL_CONFIGS
+from .frozen import streaming_68f7d4f as legacy
 
 TOKENS = 250
 
@@ -157,7 +155,8 @@ def test_batched_streams_equal_streams_decoded_alone(full_decoder):
         chunks = [c for piece in stream_pieces for c in stream.push(piece)] + stream.finish()
         alone.append(torch.cat(chunks))
 
-    streams = [full_decoder.stream(v) for v in voices]
+    batcher = full_decoder.batcher()
+    streams = [batcher.open(v) for v in voices]
     outputs: list[list[torch.Tensor]] = [[] for _ in streams]
     batch_sizes = []
     for round_index in range(max(len(p) for p in pieces) + 1):
@@ -166,7 +165,7 @@ def test_batched_streams_equal_streams_decoded_alone(full_decoder):
                 stream.push_tokens(stream_pieces[round_index])
             else:
                 stream.mark_finished()
-        while produced := decode_step(full_decoder, streams):
+        while produced := batcher.step(streams):
             batch_sizes.append(len(produced))
             for i, chunk in produced.items():
                 outputs[i].append(chunk)
@@ -183,11 +182,12 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
     longer chunk and more right context, up to the caps."""
     tokens, voice, _ = utterance
     options = StreamingOptions()
-    just_in_time = full_decoder.stream(voice, options)
+    batcher = full_decoder.batcher()
+    just_in_time = batcher.open(voice, options)
     just_in_time.push_tokens(tokens[:6])
     first = just_in_time.next_window()
     assert (first.chunk_start, first.chunk_end, first.stop) == (0, 4, 6)
-    forward_windows(full_decoder, [first]).apply()
+    batcher.decode([first])
     need = 4 + options.chunk_tokens + options.lookahead_tokens
     just_in_time.push_tokens(tokens[6 : need - 1])
     assert just_in_time.next_window() is None  # one token short of the lookahead it waits for
@@ -195,11 +195,11 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
     window = just_in_time.next_window()
     assert (window.chunk_end, window.stop) == (4 + options.chunk_tokens, need)
 
-    ahead = full_decoder.stream(voice, options)
+    ahead = batcher.open(voice, options)
     ahead.push_tokens(tokens)  # the LLM ran far ahead
     first = ahead.next_window()
     assert (first.chunk_end, first.stop) == (4, 4 + options.lookahead_cap)
-    forward_windows(full_decoder, [first]).apply()
+    batcher.decode([first])
     window = ahead.next_window()
     assert window.chunk_end == 4 + options.chunk_cap
     assert window.stop == window.chunk_end + options.lookahead_cap
@@ -215,3 +215,124 @@ def test_window_grows_only_with_tokens_already_there(full_decoder, utterance):
 def test_bad_adaptive_window_options(full_decoder, field, value, message):
     with pytest.raises(ValueError, match=message):
         full_decoder.stream(torch.zeros(128), StreamingOptions(**{field: value}))
+
+
+# ---- bit-identical to the decode path before its redesign ---------------------------------
+#
+# `tests/frozen/streaming_68f7d4f.py` is the streaming module as it was before the decode
+# path was redesigned (issue 19). Both decode the same tokens here, in one process, on the
+# same decoder, and the audio must be equal bit for bit: the redesign moved code, not numbers.
+# A frozen copy rather than stored reference audio: float kernels differ between CPUs, thread
+# counts and torch builds, while both copies running side by side see the same ones.
+
+
+class LegacyDecoder:
+    """What the frozen module read from `MioCodecDecoder` at 68f7d4f: the model and its facts
+    (unchanged since), plus the stream slots the decoder held then. No CUDA graphs (CPU)."""
+
+    cuda_graphs = None
+
+    def __init__(self, decoder: MioCodecDecoder):
+        self._decoder = decoder
+        self.stream_slots = legacy.StreamSlots.for_decoder(self)
+
+    def __getattr__(self, name: str):
+        return getattr(self._decoder, name)
+
+
+def legacy_options(options: StreamingOptions) -> legacy.StreamingOptions:
+    values = {field.name: getattr(options, field.name) for field in dataclasses.fields(options)}
+    values["groupnorm_stats"] = options.groupnorm_stats.value
+    return legacy.StreamingOptions(**values)
+
+
+def drive(open_stream, forward, voices, utterances, sample_rate: int) -> list[list]:
+    """Streams fed side by side, token i of each at i / 37.5 s of a simulated clock (1.5x real
+    time), and decoded in shared steps (`forward(windows)` -> their chunks, applied) after each
+    arrival; each stream's chunks. Each stream's client starts playing its first chunk at once,
+    so its buffer runs low early on and chunks go out before their lookahead."""
+    now = 0.0
+    first_at: list[float | None] = [None] * len(voices)
+    streams: list = []
+
+    def clock_of(i: int):
+        def buffered_seconds() -> float:
+            if first_at[i] is None:
+                return float("inf")
+            return streams[i].emitted_samples / sample_rate - (now - first_at[i])
+
+        return buffered_seconds
+
+    streams += [open_stream(voice, clock_of(i)) for i, voice in enumerate(voices)]
+    chunks: list[list] = [[] for _ in streams]
+    for arrived in range(1, max(len(u) for u in utterances) + 2):
+        now = arrived / 37.5
+        for stream, tokens in zip(streams, utterances, strict=True):
+            if arrived <= len(tokens):
+                stream.push_tokens(tokens[arrived - 1 : arrived])
+            else:
+                stream.mark_finished()
+        while ready := [(i, w) for i, s in enumerate(streams) if (w := s.next_window())]:
+            for (i, _), chunk in zip(ready, forward([w for _, w in ready]), strict=True):
+                chunks[i].append(chunk)
+                if first_at[i] is None:
+                    first_at[i] = now
+    assert all(stream.done for stream in streams)
+    return chunks
+
+
+def assert_bit_identical(before: list, after: list) -> None:
+    assert [c.numel() for c in before] == [c.numel() for c in after]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("statistics", list(StatisticsMode))
+def test_a_stream_alone_is_bit_identical_to_before(full_decoder, utterance, statistics):
+    """Through the documented API: `decoder.stream(voice, options)`, `push`, `finish`."""
+    tokens, voice, _ = utterance
+    options = StreamingOptions(groupnorm_stats=statistics)
+    streams = [
+        legacy.TokenStreamDecoder(LegacyDecoder(full_decoder), voice, legacy_options(options)),
+        full_decoder.stream(voice, options),
+    ]
+    before, after = (
+        [c for piece in torch.split(tokens[:120], 7) for c in s.push(piece)] + s.finish()
+        for s in streams
+    )
+    assert_bit_identical(before, after)
+    assert streams[1].emitted_samples == 120 * full_decoder.samples_per_token
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["exact-shapes", "fixed-shapes"])
+def test_batched_streams_on_a_playback_clock_are_bit_identical_to_before(
+    full_decoder, fixed_shapes
+):
+    """Three streams decoded in shared steps while their clients' buffers force chunks out
+    early (checked below). `fixed_shapes` pads the steps as CUDA graphs replay them (run
+    eagerly here)."""
+    gen = torch.Generator().manual_seed(7)
+    utterances = [torch.randint(0, 12800, (n,), generator=gen) for n in (70, 35, 90)]
+    voices = [load_voice("en_female"), load_voice("jp_male"), torch.randn(128, generator=gen)]
+    options = StreamingOptions()
+    rate = full_decoder.sample_rate
+    old = LegacyDecoder(full_decoder)
+    before = drive(
+        lambda voice, clock: legacy.TokenStreamDecoder(old, voice, legacy_options(options), clock),
+        lambda windows: legacy.forward_windows(old, windows, fixed_shapes=fixed_shapes).apply(),
+        voices,
+        utterances,
+        rate,
+    )
+    batcher = full_decoder.batcher()
+    after = drive(
+        lambda voice, clock: batcher.open(voice, options, clock),
+        lambda windows: batcher.forward(windows, fixed_shapes=fixed_shapes).apply(),
+        voices,
+        utterances,
+        rate,
+    )
+    for old_chunks, new_chunks in zip(before, after, strict=True):
+        assert_bit_identical(old_chunks, new_chunks)
+    middle = [c.numel() for chunks in after for c in chunks[1:-1]]
+    assert min(middle) < options.chunk_tokens * full_decoder.samples_per_token  # forced early
+    assert batcher.slots_in_use == 0

@@ -30,14 +30,15 @@ import numpy as np
 import torch
 
 from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
-from miotts_stream.codec import MioCodecDecoder, load_config, load_voice
-from miotts_stream.codec.model import MioCodecDecoderModel
-from miotts_stream.codec.streaming import (
+from miotts_stream.codec import (
+    MioCodecDecoder,
+    StatisticsMode,
     StreamingOptions,
     TokenStreamDecoder,
-    decode_step,
-    decode_windows,
+    load_config,
+    load_voice,
 )
+from miotts_stream.codec.model import MioCodecDecoderModel
 
 from .common import FULL_CODEC_CONFIGS, median, table
 
@@ -78,7 +79,7 @@ class _MeteredStream:
         chunks = []
         while (window := self.stream.next_window()) is not None:
             start = time.perf_counter()
-            chunks += decode_windows(self.stream.decoder, [window])
+            chunks += self.stream.batcher.decode([window])
             self.decode_seconds += time.perf_counter() - start
             self.window_tokens += bucket * math.ceil(window.length / bucket)
         return chunks
@@ -195,7 +196,7 @@ OUR_SETTINGS: dict[str, StreamingOptions] = {
     "ours: fixed window (defaults before issue 9)": StreamingOptions(
         max_lookahead_tokens=0, max_chunk_tokens=0
     ),
-    "ours: window-only GroupNorm stats": StreamingOptions(groupnorm_stats="window"),
+    "ours: window-only GroupNorm stats": StreamingOptions(groupnorm_stats=StatisticsMode.WINDOW),
 }
 # Settings measured on the first checkpoint of each codec only (to keep the bench short).
 FIRST_CHECKPOINT_ONLY = ("ours: window-only GroupNorm stats",)
@@ -309,9 +310,10 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in batches:
+        batcher = decoder.batcher()
         streams = []
         for _ in range(batch):
-            stream = decoder.stream(voice, options)
+            stream = batcher.open(voice, options)
             stream.push_tokens(torch.randint(0, decoder.codebook_size, (400,), generator=gen))
             stream.emitted_tokens = 100  # jump to mid-utterance: full left context
             streams.append(stream)
@@ -321,7 +323,7 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
                 s.emitted_tokens = 100
                 s.has_tail = False
             start = time.perf_counter()
-            produced = decode_step(decoder, streams)
+            produced = batcher.step(streams)
             times.append(time.perf_counter() - start)
             assert len(produced) == batch
         step = median(times)
@@ -353,7 +355,7 @@ def cost_by_position(decoder, voice, repeats=5) -> str:
             stream.emitted_tokens = 25 * second
             start = time.perf_counter()
             window = stream.next_window()
-            decode_step(decoder, [stream])
+            stream.batcher.decode([window])
             times.append(time.perf_counter() - start)
         cells.append((second, window.length, median(times)))
     ratio = cells[1][2] / cells[0][2]

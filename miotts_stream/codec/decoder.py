@@ -1,8 +1,9 @@
-"""`MioCodecDecoder`: the public face of the codec package.
+"""`MioCodecDecoder`: the public face of the codec package, the model.
 
 Loads a released MioCodec checkpoint (or builds one with random weights for demos, tests and
-benchmarks), validates inputs, picks device and precision, and decodes single utterances,
-batches of utterances, or (through `stream`) overlapping windows of a live token stream.
+benchmarks), validates inputs, picks device and precision, and decodes single utterances or
+batches of utterances. It keeps no state about streams: `stream` and `batcher` hand out a
+`StreamBatcher` over this model (`codec/batcher.py`), which owns the streams' device state.
 """
 
 from __future__ import annotations
@@ -10,27 +11,25 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
+from miotts_stream.speech_codes import TOKEN_RATE_HZ
+
+from .batcher import StreamBatcher
 from .checkpoint import load_decoder_model, resolve_checkpoint
 from .config import CodecConfig, as_codec_config
 from .layers import GroupStats, Transformer
 from .model import MioCodecDecoderModel
+from .placement import SUPPORTED_DTYPES, Placement, default_device
+from .streaming import PlaybackClock, StreamingOptions, TokenStreamDecoder
+from .tokens import check_tokens
 from .voices import check_embedding
 
-if TYPE_CHECKING:
-    from .graphs import CudaGraphSteps
-    from .streaming import PlaybackClock, StreamingOptions, StreamSlots, TokenStreamDecoder
-
 logger = logging.getLogger(__name__)
-
-TOKEN_RATE_HZ = 25
 
 # Configurations of the released codecs (upstream config/model/25hz_wave*.yaml), for building
 # full-size decoders with random weights: the service's built-in default, tests, benchmarks.
@@ -38,34 +37,6 @@ RELEASED_CONFIGS = {
     "24khz": Path(__file__).with_name("configs") / "MioCodec-25Hz-24kHz.yaml",
     "44khz": Path(__file__).with_name("configs") / "MioCodec-25Hz-44.1kHz-v2.yaml",
 }
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _as_token_tensor(tokens: object, codebook_size: int, what: str = "tokens") -> torch.Tensor:
-    """Validate token ids: a non-empty 1-D sequence of integers in [0, codebook_size)."""
-    if isinstance(tokens, torch.Tensor):
-        t = tokens.detach().cpu()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(tokens))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{what}: expected a sequence of integer token ids ({err})") from err
-    if t.numel() == 0:
-        raise ValueError(f"{what}: no tokens to decode")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"{what}: token ids must be integers, got dtype {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(
-            f"{what}: expected a 1-D sequence of token ids, got shape {tuple(t.shape)}"
-        )
-    low, high = int(t.min()), int(t.max())
-    if low < 0 or high >= codebook_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{what}: token id {bad} is outside 0..{codebook_size - 1}")
-    return t.long()
 
 
 def _unit_gain_parameters(model: nn.Module) -> set[str]:
@@ -122,14 +93,14 @@ class MioCodecDecoder:
         source: str = "",
         random_weights: bool = False,
     ):
-        self.device = torch.device(device) if device is not None else default_device()
+        device = torch.device(device) if device is not None else default_device()
         # On CUDA, bf16 autocast as upstream; on CPU, float32 unless asked otherwise.
         if dtype is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype: unsupported compute dtype {dtype}")
-        self.compute_dtype = dtype
-        if self.device.type == "cuda" and dtype == torch.float32:
+        self.placement = Placement(device, dtype)
+        if device.type == "cuda" and dtype == torch.float32:
             # float32 weights and activations, matrix products on TF32 units: near-fp32 output
             # at about bf16's speed for this decoder's sizes.
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -138,10 +109,6 @@ class MioCodecDecoder:
         self.config: CodecConfig = model.cfg
         self.source = source
         self.random_weights = random_weights
-        self._stream_slots: StreamSlots | None = None
-        # Streaming steps replay CUDA graphs on CUDA (set False for eager, e.g. to compare).
-        self.use_cuda_graphs = self.device.type == "cuda"
-        self._cuda_graphs: CudaGraphSteps | None = None
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -174,6 +141,14 @@ class MioCodecDecoder:
 
     # ---- facts ------------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.placement.dtype
+
+    @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
@@ -194,17 +169,15 @@ class MioCodecDecoder:
         return self.config.global_embedding_dim
 
     def validate_tokens(self, tokens: object, what: str = "tokens") -> torch.Tensor:
-        return _as_token_tensor(tokens, self.codebook_size, what)
+        return check_tokens(tokens, self.codebook_size, what)
 
     def validate_embedding(self, embedding: object, what: str = "global_embedding") -> torch.Tensor:
         return check_embedding(embedding, self.embedding_dim, what)
 
     # ---- decoding ---------------------------------------------------------------------------
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         """The compute precision's autocast context (none for float32)."""
-        if self.compute_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+        return self.placement.autocast()
 
     @torch.inference_mode()
     def run_batch(
@@ -225,11 +198,7 @@ class MioCodecDecoder:
         speaker = (
             embeddings if isinstance(embeddings, torch.Tensor) else torch.stack(list(embeddings))
         )
-        if self.device.type == "cpu":
-            # Subnormal floats turn up in the upsampler and the iSTFT head and run ~20x slower
-            # on x86 (measured: 2.5 s instead of 0.16 s for one window). Flushing them changes
-            # values by < 1e-37. The flag is per thread, so set it on whichever thread decodes.
-            torch.set_flush_denormal(True)
+        self.placement.prepare_thread()
         padded = padded.to(self.device, non_blocking=True)
         speaker = speaker.to(self.device, dtype=torch.float32, non_blocking=True)
         with self.autocast():
@@ -266,34 +235,20 @@ class MioCodecDecoder:
         options: StreamingOptions | None = None,
         clock: PlaybackClock | None = None,
     ) -> TokenStreamDecoder:
-        """A per-utterance streaming decoder (see `miotts_stream.codec.streaming`).
+        """A streaming decoder for one utterance (see `miotts_stream.codec.streaming`).
 
         `clock` returns how many seconds of audio the client has buffered; with it, a chunk
         waiting for right context goes out early when playback would otherwise run dry.
+        The stream has a batcher of its own (one device slot, eager steps); to decode several
+        streams in shared steps (and, on CUDA, replay graphs), open them from one `batcher()`.
         """
-        from .streaming import TokenStreamDecoder
+        return self.batcher(cuda_graphs=False, capacity=2).open(global_embedding, options, clock)
 
-        return TokenStreamDecoder(self, self.validate_embedding(global_embedding), options, clock)
-
-    @property
-    def stream_slots(self) -> StreamSlots:
-        """Device-side state of this decoder's streams (GroupNorm sums, crossfade tails)."""
-        if self._stream_slots is None:
-            from .streaming import StreamSlots
-
-            self._stream_slots = StreamSlots.for_decoder(self)
-        return self._stream_slots
-
-    @property
-    def cuda_graphs(self) -> CudaGraphSteps | None:
-        """The captured streaming steps, or None when steps run eagerly (CPU, or disabled)."""
-        if not self.use_cuda_graphs or self.device.type != "cuda":
-            return None
-        if self._cuda_graphs is None:
-            from .graphs import CudaGraphSteps
-
-            self._cuda_graphs = CudaGraphSteps(self)
-        return self._cuda_graphs
+    def batcher(self, *, cuda_graphs: bool | None = None, capacity: int = 64) -> StreamBatcher:
+        """A new `StreamBatcher` over this model: it opens streams and decodes their windows
+        batched across streams. `cuda_graphs` (default: on CUDA) replays the step as captured
+        graphs; `capacity` is the device slots allocated at first (they grow as needed)."""
+        return StreamBatcher(self.model, self.placement, cuda_graphs=cuda_graphs, capacity=capacity)
 
     def describe(self) -> str:
         weights = "RANDOM WEIGHTS (not a trained codec)" if self.random_weights else self.source

@@ -5,9 +5,10 @@ speech tokens), `OpenAITokenSource` (a server the user runs: `vllm serve`, llama
 and `LLMRouter` (several such servers: least in flight, failover, health probes).
 """
 
+from miotts_stream.speech_codes import NUM_SPEECH_CODES, TOKEN_RATE_HZ
+
 from .base import (
-    NUM_SPEECH_CODES,
-    TOKENS_PER_SECOND,
+    EmptyTextError,
     EngineState,
     LLMError,
     LLMRequestError,
@@ -34,7 +35,8 @@ from .vllm_source import (
 
 __all__ = [
     "NUM_SPEECH_CODES",
-    "TOKENS_PER_SECOND",
+    "TOKEN_RATE_HZ",
+    "EmptyTextError",
     "EngineState",
     "LLMError",
     "LLMRequestError",

@@ -14,9 +14,6 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from miotts_stream.text import normalize_text
 
-NUM_SPEECH_CODES = 12800
-TOKENS_PER_SECOND = 25
-
 
 class LLMError(Exception):
     """The speech LLM failed this request."""
@@ -38,6 +35,11 @@ class LLMUnavailableError(LLMError):
 
 class LLMRequestError(LLMError):
     """The LLM refused the request as invalid (bad options, text too long, unknown model)."""
+
+
+class EmptyTextError(LLMRequestError):
+    """The text normalizes to nothing (punctuation alone, "...", "—"): there is nothing to say.
+    Raised by `TokenSource.stream` before any request is made."""
 
 
 class EngineState(enum.Enum):
@@ -284,7 +286,9 @@ class TokenSource(Protocol):
         language: str = "auto",
     ) -> TokenStream:
         """Starts (lazily, on first iteration) generating speech for one piece of raw text:
-        the source normalizes it (`normalize_text(text, language)`) and builds the prompt."""
+        the source normalizes it (`normalize_text(text, language)`, the one place text is
+        normalized) and builds the prompt. Text that normalizes to nothing raises
+        `EmptyTextError` here, as do other bad requests (`LLMRequestError`)."""
         ...
 
     async def close(self) -> None: ...
@@ -307,5 +311,5 @@ def prepare_text(text: str, language: str) -> str:
     except ValueError as err:  # an unknown language
         raise LLMRequestError(str(err)) from err
     if not normalized:
-        raise LLMRequestError("text is empty after normalization")
+        raise EmptyTextError("text is empty after normalization")
     return normalized

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .base import NUM_SPEECH_CODES, LLMError
+from miotts_stream.speech_codes import NUM_SPEECH_CODES
+
+from .base import LLMError
 
 # Tokens that end an utterance in the MioTTS models (Qwen's chat and document ends).
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")

@@ -15,8 +15,9 @@ import random
 import time
 from dataclasses import dataclass
 
+from miotts_stream.speech_codes import NUM_SPEECH_CODES
+
 from .base import (
-    NUM_SPEECH_CODES,
     SamplingOptions,
     TokenStream,
     prepare_request,

@@ -501,10 +501,11 @@ class VLLMTokenSource:
         request_id: str | None = None,
         language: str = "auto",
     ) -> VLLMTokenStream:
+        # The request first: text with nothing to say is that, whatever the engine's state.
+        normalized = prepare_request(text, options, language)
         if self.engine.errored:  # `engine` raises while there is none
             raise self._engine_died()
         self._watch_soon()
-        normalized = prepare_request(text, options, language)
         prompt = self.prompt_token_ids(normalized)
         room = self.max_model_len - len(prompt)
         if room < 1:

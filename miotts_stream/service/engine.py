@@ -7,11 +7,13 @@ is one conversation turn: text goes in piece by piece, events come out in order:
 
 Pipeline per session:
   push_text -> TextSegmenter -> segment queue
-  generation task: for each segment, in order, stream tokens from the LLM into a fresh
-      TokenStreamDecoder registered with the shared DecodeScheduler; the next segment's
-      generation starts as soon as this one's tokens are all in, while it is still decoding;
-  events(): each segment's audio chunks, in order, through one AudioEncoder (one continuous
-      stream of samples, so Opus frames and Ogg pages run across segment boundaries).
+  generation task: for each segment, in order, open a decode stream with the shared
+      DecodeScheduler (one `DecodeStream` handle per segment) and push the LLM's codes into it;
+      the next segment's generation starts as soon as this one's codes are all in, while it is
+      still decoding;
+  events(): each segment's audio chunks, read from its handle in order, through one
+      AudioEncoder (one continuous stream of samples, so Opus frames and Ogg pages run across
+      segment boundaries).
 """
 
 from __future__ import annotations
@@ -30,25 +32,22 @@ import torch
 
 from miotts_stream.audio.encoders import EncodedAudio, Encoding, make_encoder
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
-from miotts_stream.codec.streaming import StreamingOptions, TokenStreamDecoder
+from miotts_stream.codec.streaming import StreamingOptions
 from miotts_stream.llm import (
+    EmptyTextError,
     LLMError,
     LLMRequestError,
     LLMUnavailableError,
     SamplingOptions,
     TokenSource,
 )
-from miotts_stream.text import normalize_text
 from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
 
-from .scheduler import MAX_QUEUED_CHUNKS, DecodeFailed, DecodeScheduler, ScheduledStream
+from .scheduler import ClientBuffer, DecodeFailed, DecodeInterrupted, DecodeScheduler, DecodeStream
 
 logger = logging.getLogger(__name__)
 
 LANGUAGES = ("auto", "ja", "en")
-
-# Put in a segment's output queue to wake a reader waiting for audio (cancel, failure).
-_INTERRUPT = object()
 
 
 class ErrorCode(enum.Enum):
@@ -155,8 +154,7 @@ class _Segment:
     index: int
     text: str
     ready_at: float  # when the request that completed this segment arrived
-    decoder_stream: TokenStreamDecoder | None = None
-    scheduled: ScheduledStream | None = None
+    decode: DecodeStream | None = None  # its audio, once generation has reached it
     started: asyncio.Event = field(default_factory=asyncio.Event)
     samples: int | None = None  # codec-rate samples, once all decoded
 
@@ -224,8 +222,8 @@ class SpeechEngine:
         if len(self.sessions) >= self.max_streams:
             raise SessionError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"server busy: {len(self.sessions)} streams open (--max-streams "
-                f"{self.max_streams}); retry later",
+                f"server busy: {len(self.sessions)} streams open, the most this server takes "
+                f"at once is {self.max_streams}; retry later",
             )
         session = SynthesisSession(self, config)
         self.sessions.add(session)
@@ -302,7 +300,7 @@ class SynthesisSession:
         """Barge-in: stop generating and sending now."""
         self._cancelled.set()
         self._generation.cancel()
-        self._interrupt_reader()
+        self._interrupt_decoding()
 
     @property
     def cancelled(self) -> bool:
@@ -325,16 +323,17 @@ class SynthesisSession:
             self._error = error
         self._failed.set()
         self._generation.cancel()
-        self._interrupt_reader()
+        self._interrupt_decoding()
         for callback in self._on_fail:
             callback()
         self._on_fail.clear()
 
-    def _interrupt_reader(self) -> None:
-        """Wakes `events()` if it waits for a chunk, so it sees the cancel or the failure."""
+    def _interrupt_decoding(self) -> None:
+        """Stops every segment's decoding; `events()`, if it waits for a chunk, wakes and sees
+        the cancel or the failure."""
         for segment in self._segment_list:
-            if segment.scheduled is not None:
-                segment.scheduled.output.put_nowait(_INTERRUPT)
+            if segment.decode is not None:
+                segment.decode.interrupt()
 
     def on_fail(self, callback) -> None:
         """Call `callback()` (no arguments) once, when the session fails."""
@@ -354,31 +353,33 @@ class SynthesisSession:
         if 0 < limits.max_stream_s < now - self.started_at:
             return SessionError(
                 ErrorCode.DEADLINE_EXCEEDED,
-                f"stream: open longer than the limit of {limits.max_stream_s:g} s "
-                "(--max-stream-s); split long texts into several streams",
+                f"stream: open longer than the limit of {limits.max_stream_s:g} s for one "
+                "stream; split long texts into several streams",
             )
         offered = self.event_offered_at
         if offered is not None and 0 < limits.stall_s < now - offered:
             return SessionError(
                 ErrorCode.DEADLINE_EXCEEDED,
-                f"stream: the client read nothing for {limits.stall_s:g} s (--stall-timeout-s)",
+                f"stream: the client read nothing for {limits.stall_s:g} s, the limit for a "
+                "stream whose audio waits",
             )
         waiting = self.waiting_for_input_since
         if waiting is not None and 0 < limits.idle_s < now - max(waiting, self.last_input_at):
             return SessionError(
                 ErrorCode.DEADLINE_EXCEEDED,
                 f"stream: idle, no message for {limits.idle_s:g} s while nothing was pending "
-                "(--idle-timeout-s)",
+                "(the idle limit)",
             )
         return None
 
     # ---- generation ----------------------------------------------------------------------
-    def _clock_for(self, segment: _Segment):
-        """Seconds of audio the client holds ahead of playback, for this segment's deadlines:
-        audio of earlier segments plus this one's, minus what has played since the first
-        chunk went out, minus the decode latency to expect."""
+    def _client_buffer(self, segment: _Segment) -> ClientBuffer:
+        """Seconds of audio the client holds ahead of playback when this segment's stream has
+        decoded a given number of samples: audio of earlier segments plus this one's, minus what
+        has played since the first chunk went out (infinite before that, and while an earlier
+        segment is still playing out)."""
 
-        def buffered_seconds() -> float:
+        def buffered_seconds(decoded_samples: int) -> float:
             if self.first_audio_at is None:
                 return float("inf")
             before = 0
@@ -386,9 +387,8 @@ class SynthesisSession:
                 if earlier.samples is None:
                     return float("inf")  # an earlier segment is still playing out
                 before += earlier.samples
-            produced = before + segment.decoder_stream.emitted_samples
             played = time.perf_counter() - self.first_audio_at
-            return produced / self.codec_rate - played - 2 * self.engine.scheduler.step_seconds_ema
+            return (before + decoded_samples) / self.codec_rate - played
 
         return buffered_seconds
 
@@ -396,33 +396,31 @@ class SynthesisSession:
         engine = self.engine
         try:
             while (segment := await self._segments.get()) is not None:
-                stream = engine.decoder.stream(self.config.voice, self.config.streaming, clock=None)
-                segment.decoder_stream = stream
-                stream.clock = self._clock_for(segment)
-                segment.scheduled = engine.scheduler.register(stream)
-                segment.started.set()
-                if not normalize_text(segment.text, self.config.language):
-                    # Punctuation alone ("...", "—"): nothing to say, and no reason to fail.
-                    stream.mark_finished()
-                    engine.scheduler.wake(segment.scheduled)
-                    continue
-                tokens = engine.source.stream(
-                    segment.text,
-                    self.config.sampling,
-                    request_id=f"{self.id}-{segment.index}",
-                    language=self.config.language,
+                decode = engine.scheduler.open(
+                    self.config.voice, self.config.streaming, self._client_buffer(segment)
                 )
+                segment.decode = decode
+                segment.started.set()
                 try:
-                    # Codes in batches: whatever arrived since the last step, validated at once.
+                    tokens = engine.source.stream(
+                        segment.text,
+                        self.config.sampling,
+                        request_id=f"{self.id}-{segment.index}",
+                        language=self.config.language,
+                    )
+                except EmptyTextError:
+                    # Punctuation alone ("...", "—"): nothing to say, and no reason to fail.
+                    decode.finish()
+                    continue
+                try:
+                    # Codes in batches: whatever arrived since the last step, checked at once.
                     while codes := await tokens.next_codes():
-                        stream.push_tokens(codes)
-                        engine.scheduler.wake(segment.scheduled)
+                        decode.push(codes)
                 finally:
                     await tokens.aclose()
                     self.generated_tokens += tokens.generated_tokens
                     self.dropped_tokens += tokens.dropped_tokens
-                stream.mark_finished()
-                engine.scheduler.wake(segment.scheduled)
+                decode.finish()
         except LLMUnavailableError as err:
             logger.warning("session %s: speech LLM unavailable: %s", self.id, err)
             message = err.client_message or "speech LLM unavailable; retry later"
@@ -477,6 +475,20 @@ class SynthesisSession:
         if self.cancelled:
             raise asyncio.CancelledError
 
+    async def _audio_of(self, segment: _Segment) -> AsyncIterator[torch.Tensor]:
+        """The segment's audio chunks, in order, until its audio is complete."""
+        try:
+            async for chunk in segment.decode:
+                yield chunk
+        except DecodeInterrupted:
+            self._raise_if_stopped()  # interrupted only on cancel or failure: one of them
+            raise
+        except DecodeFailed as err:
+            logger.error("session %s: decoding failed: %s", self.id, err)
+            # Non-finite samples arrive as DecodeFailed too: the batched forward flags them on
+            # the device, so no chunk here holds any.
+            raise SessionError(ErrorCode.INTERNAL, "decoding failed") from None
+
     async def _encode(self, chunk: torch.Tensor) -> EncodedAudio:
         """Encodes a chunk; resampling and Opus run on the engine's encode threads (they take
         milliseconds per chunk and release the GIL), PCM at the codec's rate inline."""
@@ -515,29 +527,18 @@ class SynthesisSession:
                 start = self.encoder.samples_out
                 yield SegmentStarted(segment.index, segment.text, start)
                 samples = 0
-                output = segment.scheduled.output
-                while (chunk := await output.get()) is not None:
-                    if chunk is _INTERRUPT:
-                        self._raise_if_stopped()
-                        continue
-                    if output.qsize() + 1 >= MAX_QUEUED_CHUNKS:
-                        # The stream may have paused on a full queue: there is room again.
-                        self.engine.scheduler.wake(segment.scheduled)
-                    if isinstance(chunk, DecodeFailed):
-                        logger.error("session %s: decoding failed: %s", self.id, chunk.message)
-                        # Non-finite samples arrive as DecodeFailed too: the batched forward
-                        # flags them on the device (NonFiniteAudio), so no chunk here holds any.
-                        raise SessionError(ErrorCode.INTERNAL, "decoding failed")
-                    if self.first_audio_at is None:
-                        self.first_audio_at = time.perf_counter()
-                    samples += chunk.numel()
-                    encoded = await self._encode(chunk)
-                    if pending_header:
-                        encoded.data = pending_header + encoded.data
-                        pending_header = b""
-                    if not encoded.empty:
-                        yield self._audio_event(encoded, segment.index, sequence)
-                        sequence += 1
+                async with contextlib.aclosing(self._audio_of(segment)) as chunks:
+                    async for chunk in chunks:
+                        if self.first_audio_at is None:
+                            self.first_audio_at = time.perf_counter()
+                        samples += chunk.numel()
+                        encoded = await self._encode(chunk)
+                        if pending_header:
+                            encoded.data = pending_header + encoded.data
+                            pending_header = b""
+                        if not encoded.empty:
+                            yield self._audio_event(encoded, segment.index, sequence)
+                            sequence += 1
                 segment.samples = samples
                 yield SegmentFinished(segment.index, segment.text, start, self.encoder.samples_out)
                 index += 1
@@ -581,11 +582,11 @@ class SynthesisSession:
                 ErrorCode.UNAVAILABLE, "the server is shutting down this stream"
             )
         self._failed.set()
-        self._interrupt_reader()
+        self._interrupt_decoding()
         self._generation.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._generation
         for segment in self._segment_list:
-            if segment.scheduled is not None:
-                self.engine.scheduler.unregister(segment.scheduled)
+            if segment.decode is not None:
+                segment.decode.close()
         self.engine.sessions.discard(self)
