@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from miotts_stream.audio.reference import AudioLimits, BadAudio, prepare_reference
-from miotts_stream.codec.ssl import SincResampler
+from miotts_stream.audio.resample import SincResampler
 
 from .audio_files import FORMATS, encode, voice_like
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .resample import resample
+
 # Below this peak (about -60 dBFS) a clip is treated as silence: there is no voice to take.
 SILENCE_PEAK = 1e-3
 # A sample within this distance of the clip's peak counts as clipped...
@@ -102,19 +104,6 @@ def _to_float(array: np.ndarray, sample_format: str) -> np.ndarray:
     raise BadAudio(f"audio: unsupported sample format {sample_format}")
 
 
-def resample_to(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """torchaudio's default sinc resampling; libsoxr for rate pairs whose kernel is too large."""
-    from miotts_stream.codec.ssl import SincResampler
-
-    try:
-        return SincResampler(orig_rate, new_rate)(waveform)
-    except ValueError:
-        import soxr
-
-        out = soxr.resample(waveform.numpy().T, orig_rate, new_rate, quality="VHQ")
-        return torch.from_numpy(np.ascontiguousarray(out.T, dtype=np.float32))
-
-
 def prepare_reference(
     data: bytes, sample_rate: int, limits: AudioLimits | None = None
 ) -> ReferenceAudio:
@@ -149,7 +138,7 @@ def prepare_reference(
         )
     wave = torch.from_numpy(mono)
     if source_rate != sample_rate:
-        wave = resample_to(wave, source_rate, sample_rate)
+        wave = resample(wave, source_rate, sample_rate)
     # Peak normalisation, as upstream's load_audio (after resampling, with its 1e-8).
     wave = wave / (wave.abs().max() + 1e-8)
     return ReferenceAudio(
