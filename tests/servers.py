@@ -16,8 +16,9 @@ from .conftest import TINY_CODECS
 
 
 def vllm_options(**options) -> ServerOptions:
-    """The real vLLM engine with the tiny demo model and the tiny 24 kHz codec, on loopback;
-    `options` add to or replace these."""
+    """The real vLLM engine with the tiny demo model and the tiny 24 kHz codec, on loopback
+    (gRPC only, unless `http_port` or `metrics_port` is given: 0 for a free port); `options`
+    add to or replace these, by their flat names (ServerOptions.with_values)."""
     from miotts_stream.demo_model import ensure_demo_model
 
     defaults = dict(
@@ -29,15 +30,25 @@ def vllm_options(**options) -> ServerOptions:
         max_model_len=512,
         kv_cache_gib=0.5,
         enforce_eager=True,
+        http_port=None,
+        metrics_port=None,
     )
-    return ServerOptions(**(defaults | options))
+    return ServerOptions().with_values(**(defaults | options))
 
 
 def tiny_codec_options(**options) -> ServerOptions:
-    """The tiny 24 kHz codec on loopback, with the LLM the options name (llm_standin_rate for
-    the in-process stand-in, or llm_base_url); `options` add to or replace these."""
-    defaults = dict(codec=str(TINY_CODECS["24khz"]), device="cpu", host="127.0.0.1", port=0)
-    return ServerOptions(**(defaults | options))
+    """The tiny 24 kHz codec on loopback (gRPC only, unless `http_port` or `metrics_port` is
+    given), with the LLM the options name (llm_standin_rate for the in-process stand-in, or
+    llm_base_url); `options` add to or replace these."""
+    defaults = dict(
+        codec=str(TINY_CODECS["24khz"]),
+        device="cpu",
+        host="127.0.0.1",
+        port=0,
+        http_port=None,
+        metrics_port=None,
+    )
+    return ServerOptions().with_values(**(defaults | options))
 
 
 @asynccontextmanager
