@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import time
 from functools import partial
 from pathlib import Path
@@ -55,7 +57,61 @@ CODEC_DTYPES = {
     "float16": torch.float16,
 }
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
-__all__ = ["ENGINE_DEATH_EXIT_CODE", "MioTTSServer", "ServerOptions", "build_engine", "run_server"]
+__all__ = [
+    "ENGINE_DEATH_EXIT_CODE",
+    "ListenError",
+    "MioTTSServer",
+    "ServerOptions",
+    "build_engine",
+    "run_server",
+]
+
+
+class ListenError(OSError):
+    """A port the server cannot listen on (taken by another process, or an address that is not
+    this machine's); the message names the address and its flag, in one line."""
+
+    def __init__(self, host: str, port: int, flag: str, reason: str):
+        super().__init__(f"cannot listen on {host}:{port} ({flag}): {reason}")
+
+
+def _reason(err: OSError) -> str:
+    if err.errno == errno.EADDRINUSE:
+        return "the port is already in use; stop what holds it, or choose another port"
+    return err.strerror or str(err)
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """Raise ListenError if `port` cannot be bound on `host` now, as the servers bind it
+    (SO_REUSEADDR, no SO_REUSEPORT); port 0 (any free port) always can."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as err:
+        raise ListenError(host, port, flag, f"not an address ({err.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                raise ListenError(host, port, flag, _reason(err)) from None
+
+
+def check_ports(options: ServerOptions) -> None:
+    """Every port the options ask for can be bound: checked before the models load, so that a
+    taken port ends the start at once (the servers check again as they bind)."""
+    network = options.network
+    for port, flag in (
+        (network.port, "--port"),
+        (network.http_port, "--http-port"),
+        (network.metrics_port, "--metrics-port"),
+    ):
+        if port is not None:
+            check_port(network.host, port, flag)
 
 
 def is_loopback(host: str) -> bool:
@@ -219,39 +275,20 @@ class MioTTSServer:
             await self.refresh_keys()
 
     async def start(self) -> int:
+        """Listen on every port and start serving; ListenError (and nothing left listening)
+        when a port cannot be had."""
         await asyncio.to_thread(self.voices.store.open)
-        add_to_server(self.servicer, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
-        network = self.options.network
-        address = f"{network.host}:{network.port}"
-        if self.credentials is not None:
-            self.port = self.grpc.add_secure_port(address, self.credentials)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind {address}")
-        await self.grpc.start()
+        try:
+            await self._listen()
+        except BaseException:
+            await self._close()
+            raise
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         add_state_listener = getattr(self.engine.source, "add_state_listener", None)
         if add_state_listener is not None:  # an in-process engine, or the LLM servers' router
             add_state_listener(self._on_engine_state)
-        if network.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(network.metrics_port, network.host)
-        if network.http_port is not None:
-            self.http = HttpTransport(
-                self.admission,
-                HttpOptions(
-                    heartbeat_s=self.options.limits.keepalive_time_s,
-                    max_request_bytes=self.options.limits.max_receive_message_bytes,
-                ),
-            )
-            self.http_port = await self.http.start(
-                network.host, network.http_port, self.options.access.http_ssl_context()
-            )
+        network = self.options.network
         self.metrics.watch_decoder(self.engine.scheduler)
         if isinstance(self.engine.source, LLMRouter):
             self.metrics.watch_llm_servers(self.engine.source.servers)
@@ -284,6 +321,52 @@ class MioTTSServer:
                 network.host,
             )
         return self.port
+
+    async def _listen(self) -> None:
+        """Bind gRPC, metrics and HTTP, in that order; a port that cannot be had raises
+        ListenError naming it and its flag."""
+        add_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        network = self.options.network
+        # gRPC says only "failed to bind" (and logs the reason itself): ask the socket first.
+        check_port(network.host, network.port, "--port")
+        address = f"{network.host}:{network.port}"
+        try:
+            if self.credentials is not None:
+                self.port = self.grpc.add_secure_port(address, self.credentials)
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise ListenError(network.host, network.port, "--port", "gRPC could not bind it")
+        await self.grpc.start()
+        if network.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(network.metrics_port, network.host)
+            except OSError as err:
+                raise ListenError(
+                    network.host, network.metrics_port, "--metrics-port", _reason(err)
+                ) from None
+        if network.http_port is not None:
+            self.http = HttpTransport(
+                self.admission,
+                HttpOptions(
+                    heartbeat_s=self.options.limits.keepalive_time_s,
+                    max_request_bytes=self.options.limits.max_receive_message_bytes,
+                ),
+            )
+            try:
+                self.http_port = await self.http.start(
+                    network.host, network.http_port, self.options.access.http_ssl_context()
+                )
+            except OSError as err:
+                raise ListenError(
+                    network.host, network.http_port, "--http-port", _reason(err)
+                ) from None
 
     def _on_engine_state(self, state: EngineState) -> None:
         """The LLM source's state as health: SERVING only while the in-process engine serves,
@@ -365,6 +448,12 @@ class MioTTSServer:
         """Drain for up to `grace` seconds (after `notice_s`, default --drain-notice-s), then
         cancel what is left and close everything."""
         await self.drain(grace, notice_s)
+        await self._close()
+        await self.engine.close()
+
+    async def _close(self) -> None:
+        """Stop listening and close what the server holds, the engine apart (after a full
+        start, or after one that failed half way)."""
         await self.grpc.stop(0.2)  # cancels the remaining calls; their handlers clean up
         if self.http is not None:
             await self.http.stop()
@@ -374,18 +463,24 @@ class MioTTSServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.to_thread(self.voices.close)  # a database pool joins its threads
-        await self.engine.close()
         self.metrics.close()
 
 
 async def run_server(options: ServerOptions) -> None:
-    engine = await build_engine(options)
-    server = MioTTSServer(engine, options)
+    """Serve until SIGTERM/SIGINT (then drain) or the engine's death. A port that cannot be
+    had ends the process with one log line naming it and its flag, and exit status 1."""
     try:
-        await server.start()
-    except BaseException:
-        await engine.close()  # do not leave vLLM's worker processes behind
-        raise
+        check_ports(options)
+        engine = await build_engine(options)
+        server = MioTTSServer(engine, options)
+        try:
+            await server.start()
+        except BaseException:
+            await engine.close()  # do not leave vLLM's worker processes behind
+            raise
+    except ListenError as err:
+        logger.error("%s", err)
+        raise SystemExit(1) from None
     stop = asyncio.Event()
 
     def on_signal() -> None:
