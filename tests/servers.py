@@ -4,6 +4,7 @@ the audio of two voices or two replicas by."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -103,3 +104,20 @@ async def speak(stub, voice: tts_pb2.Voice, seed: int = 3) -> np.ndarray:
         if response.WhichOneof("response") == "audio":
             data += response.audio.data
     return np.frombuffer(data, dtype="<f4")
+
+
+# The tests' own clients, which may log what they send (websockets logs its handshake's
+# headers at DEBUG): their lines are not the server's.
+CLIENT_LOGGERS = ("websockets.client",)
+
+
+def server_log_lines(caplog) -> list[str]:
+    """Every line the server logged during a test's setup and call (tracebacks included),
+    at the level `caplog` was set to, from any logger but the clients'."""
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    return [
+        formatter.format(record)
+        for when in ("setup", "call")
+        for record in caplog.get_records(when)
+        if not record.name.startswith(CLIENT_LOGGERS)
+    ]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from miotts_stream.errors import FieldError
+
 from .resample import ReferenceResampler
 
 # Below this peak (about -60 dBFS) a clip is treated as silence: there is no voice to take.
@@ -43,10 +45,11 @@ MAX_SAMPLE_RATE = 384000
 MAX_CHANNELS = 8  # 7.1 surround; FLAC's own limit
 
 
-class BadAudio(ValueError):
-    """Reference audio that cannot be used; the message says why (and starts with `audio:`)."""
+class BadAudio(FieldError):
+    """Reference audio that cannot be used: "audio: <why>"."""
 
-    field = "audio"
+    def __init__(self, reason: str):
+        super().__init__("audio", reason)
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,10 @@ class _Levels:
 
     def add(self, mono: np.ndarray) -> np.ndarray:
         """Take a frame into the statistics; the frame with non-finite samples zeroed."""
-        if not np.isfinite(mono).all():
+        finite = np.isfinite(mono)
+        if not finite.all():
             self.non_finite = True
-            mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
+            mono = np.where(finite, mono, np.float32(0.0))
         self.samples += len(mono)
         level = np.abs(mono)
         self.peak = max(self.peak, float(level.max(initial=0.0)))
@@ -121,18 +125,18 @@ def _to_float(array: np.ndarray, sample_format: str) -> np.ndarray:
         return array.astype(np.float32) / 2147483648.0
     if array.dtype == np.uint8:
         return (array.astype(np.float32) - 128.0) / 128.0
-    raise BadAudio(f"audio: unsupported sample format {sample_format}")
+    raise BadAudio(f"unsupported sample format {sample_format}")
 
 
 def _check_format(rate: int, channels: int) -> None:
     """Refuse a rate or channel count no voice recording has (0: not known yet)."""
     if rate and not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise BadAudio(
-            f"audio: a sample rate of {rate} Hz is not accepted "
+            f"a sample rate of {rate} Hz is not accepted "
             f"({MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)"
         )
     if channels > MAX_CHANNELS:
-        raise BadAudio(f"audio: {channels} channels is not accepted (1 to {MAX_CHANNELS})")
+        raise BadAudio(f"{channels} channels is not accepted (1 to {MAX_CHANNELS})")
 
 
 def _open(source: bytes | Path):
@@ -145,9 +149,9 @@ def _open(source: bytes | Path):
         size = len(source)
         opened = io.BytesIO(source)
     if not size:
-        raise BadAudio("audio: no bytes")
+        raise BadAudio("no bytes")
     if size > MAX_INPUT_BYTES:
-        raise BadAudio(f"audio: {size} bytes is over the {MAX_INPUT_BYTES} byte limit")
+        raise BadAudio(f"{size} bytes is over the {MAX_INPUT_BYTES} byte limit")
     return av.open(opened, mode="r")
 
 
@@ -171,7 +175,7 @@ def _decode(source: bytes | Path, sample_rate: int, limits: AudioLimits) -> _Dec
         with _open(source) as container:
             streams = container.streams.audio
             if not streams:
-                raise BadAudio("audio: the file holds no audio stream")
+                raise BadAudio("the file holds no audio stream")
             stream = streams[0]
             codec_name = stream.codec_context.name
             # What the header says (some formats say it only with the first frame).
@@ -183,8 +187,7 @@ def _decode(source: bytes | Path, sample_rate: int, limits: AudioLimits) -> _Dec
                 declared = container.duration / av.time_base
             if declared is not None and declared > limits.max_seconds:
                 raise BadAudio(
-                    f"audio: {declared:.2f} s (as the file declares) is too long; "
-                    f"{limits.allowed()}"
+                    f"{declared:.2f} s (as the file declares) is too long; {limits.allowed()}"
                 )
             resampler: ReferenceResampler | None = None
             rate = channels = 0
@@ -194,7 +197,7 @@ def _decode(source: bytes | Path, sample_rate: int, limits: AudioLimits) -> _Dec
                     rate, channels = frame.sample_rate, frame.layout.nb_channels
                     resampler = ReferenceResampler(rate, sample_rate)
                 elif frame.sample_rate != rate:
-                    raise BadAudio("audio: the sample rate changes within the file")
+                    raise BadAudio("the sample rate changes within the file")
                 array = frame.to_ndarray()
                 if frame.format.is_packed:  # interleaved (1, n * channels)
                     array = array.reshape(-1, frame.layout.nb_channels).T
@@ -202,14 +205,14 @@ def _decode(source: bytes | Path, sample_rate: int, limits: AudioLimits) -> _Dec
                 out.append(resampler.process(levels.add(mono)))
                 if levels.samples > limits.max_seconds * rate:
                     raise BadAudio(
-                        f"audio: more than {limits.max_seconds:g} s is too long; {limits.allowed()}"
+                        f"more than {limits.max_seconds:g} s is too long; {limits.allowed()}"
                     )
     except BadAudio:
         raise
     except Exception as err:  # av.error.*: not audio, truncated, unknown codec
-        raise BadAudio(f"audio: cannot decode it ({type(err).__name__}: {err})") from err
+        raise BadAudio(f"cannot decode it ({type(err).__name__}: {err})") from err
     if resampler is None or not levels.samples:
-        raise BadAudio("audio: the file decodes to no samples")
+        raise BadAudio("the file decodes to no samples")
     out.append(resampler.flush())
     return _Decoded(np.concatenate(out), rate, channels, codec_name, levels)
 
@@ -224,19 +227,18 @@ def prepare_reference(
     levels = decoded.levels
     seconds = levels.samples / decoded.source_rate
     if seconds < limits.min_seconds:
-        raise BadAudio(f"audio: {seconds:.2f} s is too short; {limits.allowed()}")
+        raise BadAudio(f"{seconds:.2f} s is too short; {limits.allowed()}")
     if levels.non_finite:
-        raise BadAudio("audio: holds NaN or infinite samples")
+        raise BadAudio("holds NaN or infinite samples")
     if levels.peak < SILENCE_PEAK:
         raise BadAudio(
-            f"audio: silent (peak {20 * np.log10(max(levels.peak, 1e-12)):.0f} dBFS); "
+            f"silent (peak {20 * np.log10(max(levels.peak, 1e-12)):.0f} dBFS); "
             "a voice needs audible speech"
         )
     clipped = levels.clipped_share()
     if levels.peak >= CLIPPED_PEAK and clipped >= MAX_CLIPPED_SHARE:
         raise BadAudio(
-            f"audio: clipped throughout ({clipped:.0%} of samples at full scale); "
-            "record at a lower level"
+            f"clipped throughout ({clipped:.0%} of samples at full scale); record at a lower level"
         )
     wave = decoded.samples
     # Peak normalisation, as upstream's load_audio (after resampling, with its 1e-8).

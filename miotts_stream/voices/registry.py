@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 class PresetVoice(Exception):
     """The voice is a built-in or configured preset: it cannot be deleted."""
 
+    field = "voice_id"
+
 
 class EncoderUnavailable(RuntimeError):
     """The speaker encoder cannot be loaded (a missing SSL model, no model hub, ...)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from google.protobuf.message import Message
 from miotts_stream.service.admission import Admission, invalid, voice_error
 from miotts_stream.service.engine import ErrorCode, SessionError
 
-from .errors import error_object, error_response
+from .errors import error_response
 from .speech import handle_speech
 from .websocket import handle_stream
 
@@ -48,23 +49,36 @@ def proto_json(message: Message) -> dict[str, Any]:
     )
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler):
-    """aiohttp's own errors (unknown path, wrong method, body too large) as OpenAI error
-    objects, like every other error of the API."""
-    try:
-        return await handler(request)
-    except web.HTTPException as err:
-        if err.status < 400 or not request.path.startswith("/v1/"):
-            raise
-        code = {
-            401: ErrorCode.UNAUTHENTICATED,
-            404: ErrorCode.NOT_FOUND,
-            405: ErrorCode.UNIMPLEMENTED,
-            413: ErrorCode.RESOURCE_EXHAUSTED,
-        }.get(err.status, ErrorCode.INVALID_ARGUMENT)
-        body = error_object(code, f"{request.method} {request.path}: {err.reason}")
-        return web.json_response(body, status=err.status)
+# aiohttp's own errors, as the engine's codes.
+HTTP_EXCEPTION_CODES = {
+    HTTPStatus.UNAUTHORIZED: ErrorCode.UNAUTHENTICATED,
+    HTTPStatus.NOT_FOUND: ErrorCode.NOT_FOUND,
+    HTTPStatus.METHOD_NOT_ALLOWED: ErrorCode.UNIMPLEMENTED,
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: ErrorCode.RESOURCE_EXHAUSTED,
+}
+
+
+def json_errors(max_request_bytes: int):
+    """A middleware answering aiohttp's own errors (unknown path, wrong method, a body over
+    the limit) with OpenAI error objects, like every other error of the API."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as err:
+            if err.status < 400 or not request.path.startswith("/v1/"):
+                raise
+            code = HTTP_EXCEPTION_CODES.get(HTTPStatus(err.status), ErrorCode.INVALID_ARGUMENT)
+            if err.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                error = SessionError(
+                    code, f"request body: larger than the limit of {max_request_bytes} bytes"
+                )
+            else:
+                error = SessionError(code, f"{request.method} {request.path}: {err.reason}")
+            return error_response(error, err.status)
+
+    return middleware
 
 
 class HttpTransport:
@@ -76,7 +90,8 @@ class HttpTransport:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[json_errors], client_max_size=self.options.max_request_bytes
+            middlewares=[json_errors(self.options.max_request_bytes)],
+            client_max_size=self.options.max_request_bytes,
         )
         stream = partial(
             handle_stream,
@@ -155,6 +170,9 @@ class HttpTransport:
         try:
             key = self._authenticate(request)
             return web.json_response(await call(), status=status)
+        except web.HTTPException as err:  # aiohttp's (a body over the limit): json_errors
+            code = HTTP_EXCEPTION_CODES.get(HTTPStatus(err.status), ErrorCode.INVALID_ARGUMENT)
+            raise
         except Exception as err:
             error = voice_error(method, err)
             code = error.code
@@ -201,18 +219,24 @@ class HttpTransport:
         """The multipart form of a new voice: `audio` (a file), `voice_id`, `display_name`,
         `language`."""
         if not request.content_type.startswith("multipart/"):
-            raise invalid(
-                "request body: must be multipart/form-data with an 'audio' file and a 'voice_id'"
+            raise SessionError(
+                ErrorCode.INVALID_ARGUMENT,
+                "request body: must be multipart/form-data with an 'audio' file and a 'voice_id'",
             )
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError) as err:  # aiohttp's multipart reader on bad input
+            raise SessionError(
+                ErrorCode.INVALID_ARGUMENT, f"request body: not a readable form ({err})"
+            ) from None
         fields: dict[str, Any] = {}
         for name in ("voice_id", "display_name", "language"):
             value = form.get(name, "")
             if not isinstance(value, str):
-                raise invalid(f"{name}: must be a text field, not a file")
+                raise invalid(name, "must be a text field, not a file")
             fields[name] = value
         audio = form.get("audio")
         if audio is None:
-            raise invalid("audio: required: the reference audio as a file field")
+            raise invalid("audio", "required: the reference audio as a file field")
         fields["audio"] = audio.file.read() if hasattr(audio, "file") else str(audio).encode()
         return fields
