@@ -37,7 +37,7 @@ def declared_flags() -> set[str]:
 def test_the_readmes_flag_tables_are_the_declarations():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"<!-- flags: (\w+) -->", readme)
-    assert {"access", "limits"} <= set(blocks)
+    assert {"access", "limits", "http"} <= set(blocks)
     assert with_flag_tables(readme) == readme, (
         "the README's flag tables differ from the declaration: run "
         "`python -m miotts_stream.service.options README.md`"

@@ -1,7 +1,7 @@
 """The server's options, declared once and grouped by concern.
 
 Each group is a dataclass for one concern (where it listens, the speech LLM, the in-process
-engine, the decoder, voices, stream limits, access); each field is declared
+engine, the decoder, voices, stream limits, HTTP connections, access); each field is declared
 with `option(default, help)`. Everything else is derived from these declarations:
 
 - `server.py`'s command line (`argument_parser`): one flag per field, `--field-name` unless
@@ -302,6 +302,33 @@ class LimitOptions:
 
 
 @dataclass
+class HttpConnectionOptions:
+    TITLE: ClassVar[str] = "HTTP connections (seconds; 0 disables one)"
+
+    http_head_timeout_s: float = option(
+        10.0,
+        "a request's line and headers must arrive in full within this long of their first "
+        "byte (of connecting, for a connection's first request); a client that sends nothing, "
+        "or its headers a byte at a time, is disconnected",
+    )
+    http_body_timeout_s: float = option(
+        60.0,
+        "a request body must arrive in full within this long of its headers (16 MiB of "
+        "reference audio in 60 s is 2.2 Mbit/s); a body that stalls or trickles is cut off",
+    )
+    http_keepalive_timeout_s: float = option(
+        30.0,
+        "close a kept-alive connection that starts no new request for this long after its "
+        "last response",
+    )
+    http_max_connections: int = option(
+        512,
+        "HTTP and WebSocket connections open at once; one more is answered 503 and closed, so "
+        "a flood of idle sockets cannot take every file descriptor",
+    )
+
+
+@dataclass
 class AccessOptions:
     TITLE: ClassVar[str] = "access"
 
@@ -387,6 +414,7 @@ class ServerOptions:
     decoder: DecoderOptions = field(default_factory=DecoderOptions)
     voices: VoiceOptions = field(default_factory=VoiceOptions)
     limits: LimitOptions = field(default_factory=LimitOptions)
+    http: HttpConnectionOptions = field(default_factory=HttpConnectionOptions)
     access: AccessOptions = field(default_factory=AccessOptions)
 
     def with_values(self, **values: Any) -> ServerOptions:

@@ -357,6 +357,7 @@ class MioTTSServer:
                 HttpOptions(
                     heartbeat_s=self.options.limits.keepalive_time_s,
                     max_request_bytes=self.options.limits.max_receive_message_bytes,
+                    connections=self.options.http,
                 ),
             )
             try:

@@ -15,6 +15,7 @@ Routes:
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from functools import partial
@@ -23,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from miotts_stream.service.admission import Admission, invalid, voice_error
 from miotts_stream.service.engine import ErrorCode, SessionError
+from miotts_stream.service.options import HttpConnectionOptions
 
+from .connections import ConnectionGuard, GuardedSite
 from .errors import error_response
 from .speech import handle_speech
 from .websocket import handle_stream
@@ -38,8 +42,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 @dataclass(frozen=True)
 class HttpOptions:
-    heartbeat_s: float = 30.0  # WebSocket pings to find dead peers (--keepalive-time-s)
-    max_request_bytes: int = 16 * 1024 * 1024 + 64 * 1024  # --max-receive-message-bytes
+    heartbeat_s: float  # WebSocket pings to find dead peers (--keepalive-time-s)
+    max_request_bytes: int  # request bodies and WebSocket frames (--max-receive-message-bytes)
+    connections: HttpConnectionOptions  # time limits and the cap (connections.py)
 
 
 def proto_json(message: Message) -> dict[str, Any]:
@@ -81,16 +86,31 @@ def json_errors(max_request_bytes: int):
     return middleware
 
 
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, as this service wants it: a request aiohttp cannot parse (a
+    bad header, a line too long, a body cut short: the client's doing, answered 400 and
+    closed by aiohttp) is one line at DEBUG, as aiohttp already logs non-HTTP bytes; aiohttp
+    logs every other such request at ERROR with a traceback. Its own failures keep theirs."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            reason = " ".join(str(exc_info).split())
+            self.debug(f"{msg}: %s: %s", *args, type(exc_info).__name__, reason, **kwargs)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
 class HttpTransport:
-    def __init__(self, admission: Admission, options: HttpOptions | None = None):
+    def __init__(self, admission: Admission, options: HttpOptions):
         self.admission = admission
-        self.options = options or HttpOptions()
+        self.options = options
+        self.guard = ConnectionGuard(options.connections, admission.metrics)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[json_errors(self.options.max_request_bytes)],
+            middlewares=[self.guard.middleware(), json_errors(self.options.max_request_bytes)],
             client_max_size=self.options.max_request_bytes,
         )
         stream = partial(
@@ -119,10 +139,14 @@ class HttpTransport:
         # handler_cancellation: a client that disconnects cancels its handler at once, so its
         # session (and engine request) ends even while it waits for the next audio chunk.
         self._runner = web.AppRunner(
-            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            logger=ServerLog(logging.getLogger("aiohttp.server")),
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        site = GuardedSite(self._runner, host, port, self.guard, ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port

@@ -148,7 +148,7 @@ def parse_speech_request(body: Any, presets, max_text_chars: int) -> SpeechReque
     voice = body.get("voice")
     voice_field = "voice"
     if isinstance(voice, dict):  # OpenAI's custom voice reference: {"id": ...}
-        voice, voice_field = voice.get("id"), "voice.id"
+        voice, voice_field = voice.get("id", ""), "voice.id"
     if voice is not None and (not isinstance(voice, str) or not voice):
         raise invalid(voice_field, "must be a preset name or a stored voice id")
     speed = _number(body, "speed")
