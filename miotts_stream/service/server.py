@@ -57,14 +57,6 @@ CODEC_DTYPES = {
     "float16": torch.float16,
 }
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TextToSpeech"].full_name
-__all__ = [
-    "ENGINE_DEATH_EXIT_CODE",
-    "ListenError",
-    "MioTTSServer",
-    "ServerOptions",
-    "build_engine",
-    "run_server",
-]
 
 
 class ListenError(OSError):
