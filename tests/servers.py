@@ -4,6 +4,7 @@ the audio of two voices or two replicas by."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -16,8 +17,9 @@ from .conftest import TINY_CODECS
 
 
 def vllm_options(**options) -> ServerOptions:
-    """The real vLLM engine with the tiny demo model and the tiny 24 kHz codec, on loopback;
-    `options` add to or replace these."""
+    """The real vLLM engine with the tiny demo model and the tiny 24 kHz codec, on loopback
+    (gRPC only, unless `http_port` or `metrics_port` is given: 0 for a free port); `options`
+    add to or replace these, by their flat names (ServerOptions.with_values)."""
     from miotts_stream.demo_model import ensure_demo_model
 
     defaults = dict(
@@ -29,15 +31,25 @@ def vllm_options(**options) -> ServerOptions:
         max_model_len=512,
         kv_cache_gib=0.5,
         enforce_eager=True,
+        http_port=None,
+        metrics_port=None,
     )
-    return ServerOptions(**(defaults | options))
+    return ServerOptions().with_values(**(defaults | options))
 
 
 def tiny_codec_options(**options) -> ServerOptions:
-    """The tiny 24 kHz codec on loopback, with the LLM the options name (llm_standin_rate for
-    the in-process stand-in, or llm_base_url); `options` add to or replace these."""
-    defaults = dict(codec=str(TINY_CODECS["24khz"]), device="cpu", host="127.0.0.1", port=0)
-    return ServerOptions(**(defaults | options))
+    """The tiny 24 kHz codec on loopback (gRPC only, unless `http_port` or `metrics_port` is
+    given), with the LLM the options name (llm_standin_rate for the in-process stand-in, or
+    llm_base_url); `options` add to or replace these."""
+    defaults = dict(
+        codec=str(TINY_CODECS["24khz"]),
+        device="cpu",
+        host="127.0.0.1",
+        port=0,
+        http_port=None,
+        metrics_port=None,
+    )
+    return ServerOptions().with_values(**(defaults | options))
 
 
 @asynccontextmanager
@@ -92,3 +104,20 @@ async def speak(stub, voice: tts_pb2.Voice, seed: int = 3) -> np.ndarray:
         if response.WhichOneof("response") == "audio":
             data += response.audio.data
     return np.frombuffer(data, dtype="<f4")
+
+
+# The tests' own clients, which may log what they send (websockets logs its handshake's
+# headers at DEBUG): their lines are not the server's.
+CLIENT_LOGGERS = ("websockets.client",)
+
+
+def server_log_lines(caplog) -> list[str]:
+    """Every line the server logged during a test's setup and call (tracebacks included),
+    at the level `caplog` was set to, from any logger but the clients'."""
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    return [
+        formatter.format(record)
+        for when in ("setup", "call")
+        for record in caplog.get_records(when)
+        if not record.name.startswith(CLIENT_LOGGERS)
+    ]

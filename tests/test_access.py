@@ -25,11 +25,20 @@ from miotts_stream.service.access import UNAUTHENTICATED_MESSAGE
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-from .servers import vllm_options
+from .servers import server_log_lines, vllm_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 KEY_A, KEY_B = "alpha-secret-0123456789", "bravo-secret-9876543210"
+
+
+@pytest.fixture(autouse=True)
+def keys_never_logged(caplog):
+    """After every test: no key in any line the process logged, at DEBUG, whatever logger."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    for line in server_log_lines(caplog):
+        assert KEY_A not in line and KEY_B not in line, line
 
 
 # ---- certificates -------------------------------------------------------------------------

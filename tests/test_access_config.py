@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from miotts_stream.service.access import AccessError, AccessPolicy
-from miotts_stream.service.server import ServerOptions, is_loopback
+from miotts_stream.service.options import AccessOptions
+from miotts_stream.service.server import is_loopback
 
 # ---- configuration ------------------------------------------------------------------------
 
@@ -45,9 +46,9 @@ def test_tls_options_go_together(tmp_path):
     pem = tmp_path / "x.pem"
     pem.write_text("not read")
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
-        ServerOptions(tls_cert=str(pem)).server_credentials()
+        AccessOptions(tls_cert=str(pem)).server_credentials()
     with pytest.raises(ValueError, match="--tls-client-ca needs"):
-        ServerOptions(tls_client_ca=str(pem)).server_credentials()
+        AccessOptions(tls_client_ca=str(pem)).server_credentials()
 
 
 @pytest.mark.parametrize(

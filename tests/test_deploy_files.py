@@ -101,8 +101,8 @@ def test_probes_use_the_servers_grpc_health():
 
 def test_termination_grace_outlasts_the_drain():
     pod = _one("Deployment")["spec"]["template"]["spec"]
-    (drain,) = _arg("drain-timeout-s") or [str(ServerOptions().drain_timeout_s)]
-    (notice,) = _arg("drain-notice-s") or [str(ServerOptions().drain_notice_s)]
+    (drain,) = _arg("drain-timeout-s") or [str(ServerOptions().limits.drain_timeout_s)]
+    (notice,) = _arg("drain-notice-s") or [str(ServerOptions().limits.drain_notice_s)]
     drain_s = float(notice) + float(drain)
     pre_stop = _container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"

@@ -54,7 +54,7 @@ async def test_signal_drains_then_exits_zero(sig, tmp_path):
         sys.executable, str(ROOT / "server.py"),
         "--model", str(ensure_demo_model("tiny")), "--codec", str(TINY_CODECS["24khz"]),
         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-metrics",
-        "--http-port", "0",
+        "--no-http",
         "--max-model-len", "512", "--kv-cache-gib", "0.5", "--enforce-eager",
         "--drain-timeout-s", str(DRAIN_S), "--idle-timeout-s", "60",
         "--data-dir", str(tmp_path / "voices"),

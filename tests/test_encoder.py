@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from miotts_stream.audio.resample import SincResampler
 from miotts_stream.codec import MioCodecEncoder, load_config
 from miotts_stream.codec.encoder import load_global_encoder
-from miotts_stream.codec.ssl import SincResampler, SSLFeatures, average_layers
+from miotts_stream.codec.ssl import SSLFeatures, average_layers
 
 from .conftest import TINY_CODECS
 

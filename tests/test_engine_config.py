@@ -117,11 +117,11 @@ def test_server_flags_for_the_family() -> None:
             "--exit-on-engine-death",
         ]
     )
-    assert options.demo_arch == "falcon_h1"
-    assert options.engine_args == {"max_num_seqs": 8, "enable_prefix_caching": True}
-    assert options.exit_on_engine_death
+    assert options.vllm.demo_arch == "falcon_h1"
+    assert options.vllm.engine_args == {"max_num_seqs": 8, "enable_prefix_caching": True}
+    assert options.vllm.exit_on_engine_death
     defaults = server.parse_args([])
-    assert defaults.demo_arch == "qwen3" and defaults.engine_args == {}
-    assert not defaults.exit_on_engine_death
+    assert defaults.vllm.demo_arch == "qwen3" and defaults.vllm.engine_args == {}
+    assert not defaults.vllm.exit_on_engine_death
     with pytest.raises(SystemExit):
         server.parse_args(["--demo-arch", "llama"])

@@ -129,7 +129,7 @@ def _start_replica(name: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> Re
         "--max-streams", str(MAX_STREAMS), "--data-dir", str(tmp_path / name),
         # The test holds streams open between its steps: long enough drain and idle limits.
         "--drain-timeout-s", "90", "--idle-timeout-s", "90", "--log-level", "WARNING",
-        "--drain-notice-s", str(DRAIN_NOTICE_S), "--http-port", "0", *extra,
+        "--drain-notice-s", str(DRAIN_NOTICE_S), "--no-http", *extra,
     ]  # fmt: skip
     log = tmp_path / f"{name}.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

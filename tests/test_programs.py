@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import server
+from miotts_stream.service.options import ServerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +51,19 @@ def test_server_flags_map_to_options():
             "4",
         ]
     )
-    assert (options.model, options.codec, options.device, options.port) == ("m", "c", "cpu", 6000)
-    assert options.max_streams == 3 and options.presets_dirs == ["a", "b"]
-    assert options.llm_base_url == ["http://x/v1"] and options.kv_cache_gib == 0.5
-    assert options.enforce_eager and options.metrics_port is None and options.max_batch == 4
+    assert (options.llm.model, options.decoder.codec, options.decoder.device) == ("m", "c", "cpu")
+    assert options.network.port == 6000 and options.decoder.max_batch == 4
+    assert options.limits.max_streams == 3 and options.voices.presets_dirs == ("a", "b")
+    assert options.llm.llm_base_url == ("http://x/v1",) and options.vllm.kv_cache_gib == 0.5
+    assert options.vllm.enforce_eager and options.network.metrics_port is None
     defaults = server.parse_args([])
-    assert defaults.model is None and defaults.codec is None  # the built-in default
-    assert defaults.port == 50051 and defaults.metrics_port == 9400
+    assert defaults == ServerOptions()  # the command line's defaults are the declaration's
+    assert defaults.llm.model is None and defaults.decoder.codec is None  # the built-in default
+    assert defaults.network.port == 50051 and defaults.network.metrics_port == 9400
+    assert defaults.network.http_port == 8080
+    # 0 is any free port for every port; --no-http and --no-metrics turn those off.
+    assert server.parse_args(["--http-port", "0"]).network.http_port == 0
+    assert server.parse_args(["--no-http"]).network.http_port is None
 
 
 def test_server_help_explains_every_flag():
@@ -95,23 +102,20 @@ def test_security_and_limit_flags_map_to_options():
         "--api-key two-key-456 --api-keys-file keys.txt"
     )
     options = server.parse_args(shlex.split(flags))
-    limits = options.session_limits()
+    limits = options.limits.session_limits()
     assert (limits.idle_s, limits.max_stream_s, limits.stall_s) == (5, 60, 7)
-    assert options.drain_timeout_s == 9
-    assert (options.tls_cert, options.tls_key, options.tls_client_ca) == (
-        "c.pem",
-        "k.pem",
-        "ca.pem",
-    )
-    assert options.api_keys == ["one-key-123", "two-key-456"]
-    assert options.api_keys_file == "keys.txt"
+    assert options.limits.drain_timeout_s == 9
+    access = options.access
+    assert (access.tls_cert, access.tls_key, access.tls_client_ca) == ("c.pem", "k.pem", "ca.pem")
+    assert access.api_keys == ("one-key-123", "two-key-456")
+    assert access.api_keys_file == "keys.txt"
     assert "one-key-123" not in repr(options)  # keys stay out of logged option dumps
-    grpc_options = dict(options.grpc_options())
+    grpc_options = dict(options.limits.grpc_options())
     assert grpc_options["grpc.max_receive_message_length"] == 1000
     assert grpc_options["grpc.keepalive_time_ms"] == 11000
     assert grpc_options["grpc.keepalive_timeout_ms"] == 3000
     defaults = server.parse_args([])
-    assert defaults.idle_timeout_s == 20 and defaults.drain_timeout_s == 30
+    assert defaults.limits.idle_timeout_s == 20 and defaults.limits.drain_timeout_s == 30
     assert "grpc.keepalive_time_ms" not in dict(
-        server.parse_args(["--keepalive-time-s", "0"]).grpc_options()
+        server.parse_args(["--keepalive-time-s", "0"]).limits.grpc_options()
     )

@@ -1,14 +1,24 @@
 """Reference audio for cloning: every container/codec decodes to mono at the codec rate, peak 1;
-each bad-audio case is refused with a reason."""
+each bad-audio case is refused with a reason; decompression bombs and impossible headers are
+refused in bounded memory."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from miotts_stream.audio.reference import AudioLimits, BadAudio, prepare_reference
-from miotts_stream.codec.ssl import SincResampler
+from miotts_stream.audio.reference import (
+    MAX_INPUT_BYTES,
+    AudioLimits,
+    BadAudio,
+    prepare_reference,
+)
+from miotts_stream.audio.resample import ReferenceResampler, SincResampler, resample
+from miotts_stream.bench.hostile import flac_bomb, wav_header
 
 from .audio_files import FORMATS, encode, voice_like
 
@@ -74,3 +84,83 @@ def test_limits_are_configurable_and_loud_speech_passes():
     assert prepare_reference(encode(hot, 24000), 24000).duration_seconds == 2.0
     with pytest.raises(ValueError, match="min_seconds"):
         AudioLimits(min_seconds=5, max_seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("orig", "new"),
+    [(48000, 24000), (44100, 24000), (16000, 44100), (384000, 24000), (44056, 24000), (24000,) * 2],
+)
+def test_resampling_in_pieces_gives_the_whole_signals_resampling(orig, new):
+    """The reference decoder resamples frame by frame; that is the whole signal's resampling
+    (torchaudio's sinc, or libsoxr for odd pairs such as 44056 Hz), to float32 rounding."""
+    rng = np.random.default_rng(orig)
+    x = (0.3 * rng.standard_normal(orig + 1234)).astype(np.float32)
+    whole = resample(torch.from_numpy(x), orig, new).numpy()
+    stream, pieces, at = ReferenceResampler(orig, new), [], 0
+    while at < len(x):
+        size = int(rng.integers(1, 6000))
+        pieces.append(stream.process(x[at : at + size]))
+        at += size
+    pieces.append(stream.flush())
+    np.testing.assert_allclose(np.concatenate(pieces), whole, atol=2e-7, rtol=0)
+
+
+def _peak_rss_rise_mb(call) -> float:
+    """How far this process's resident memory rose above its level before `call`, at most
+    (Linux: the peak is reset through /proc/self/clear_refs)."""
+
+    def status(name: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{name}:\s+(\d+) kB", text).group(1)) // 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    call()
+    return status("VmHWM") - before
+
+
+@pytest.mark.parametrize("seconds", [600, 1800])
+def test_a_decompression_bomb_is_refused_in_bounded_memory(seconds):
+    """A FLAC of a constant signal at 384 kHz: 50 KB declaring 600 s, 150 KB for 1800 s (as
+    decoded whole to float32 before: +1.2 and +4.4 GB). With its length in the header it is
+    refused before decoding; without, decoding stops past the 30 s limit. Resident memory may
+    rise by what 30 s at the codec's rate takes (2.9 MB), one frame and the decoder's own
+    buffers: a 100 MB bound, far under the gigabytes a whole decode takes and well over the
+    allocator's noise (measured: +2 to +21 MB)."""
+    prepare_reference(encode(voice_like(2.0, 48000), 48000, "flac"), 24000)  # warm: imports
+    declared = flac_bomb(seconds, 384000)
+    with pytest.raises(BadAudio, match=rf"{seconds}.00 s \(as the file declares\) is too long"):
+        prepare_reference(declared, 24000)
+    hidden = flac_bomb(seconds, 384000, declare=False)
+
+    def refused():
+        with pytest.raises(BadAudio, match="more than 30 s is too long"):
+            prepare_reference(hidden, 24000)
+
+    assert _peak_rss_rise_mb(refused) < 100
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (wav_header(1_000_000, 1, bytes(4000)), "1000000 Hz is not accepted"),
+        (wav_header(4000, 1, bytes(4000)), "4000 Hz is not accepted"),
+        (wav_header(48000, 64, bytes(128 * 100)), "64 channels is not accepted"),
+        (flac_bomb(5, 655350, declare=False), "655350 Hz is not accepted"),
+    ],
+    ids=["1-mhz", "4-khz", "64-channels", "flac-655-khz"],
+)
+def test_impossible_rates_and_channel_counts_are_refused_before_decoding(data, reason):
+    with pytest.raises(BadAudio, match=reason):
+        prepare_reference(data, 24000)
+
+
+def test_a_file_path_is_read_within_the_same_limits(tmp_path):
+    clip = tmp_path / "clip.flac"
+    clip.write_bytes(encode(voice_like(2.0, 48000), 48000, "flac"))
+    assert prepare_reference(clip, 24000).duration_seconds == 2.0
+    big = tmp_path / "big.wav"
+    with big.open("wb") as f:
+        f.truncate(MAX_INPUT_BYTES + 1)
+    with pytest.raises(BadAudio, match="byte limit"):
+        prepare_reference(big, 24000)

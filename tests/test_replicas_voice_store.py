@@ -129,7 +129,7 @@ async def test_an_unreachable_store_is_unavailable_and_presets_still_speak(
     import psycopg
 
     b = stubs[1]
-    dbname = psycopg.conninfo.conninfo_to_dict(replicas[1].options.voice_store)["dbname"]
+    dbname = psycopg.conninfo.conninfo_to_dict(replicas[1].options.voices.voice_store)["dbname"]
     with psycopg.connect(postgres_server.url("postgres"), autocommit=True) as admin:
         admin.execute(f"ALTER DATABASE {dbname} WITH ALLOW_CONNECTIONS false")
         admin.execute(

@@ -362,10 +362,10 @@ async def test_over_max_streams_is_resource_exhausted(stub, server):
         await release.wait()
         yield req(cancel=tts_pb2.Cancel())
 
-    calls = [stub.StreamingSynthesize(held()) for _ in range(server.options.max_streams)]
+    calls = [stub.StreamingSynthesize(held()) for _ in range(server.options.limits.max_streams)]
     readers = [asyncio.ensure_future(collect(c)) for c in calls]
     for _ in range(200):
-        if len(server.engine.sessions) == server.options.max_streams:
+        if len(server.engine.sessions) == server.options.limits.max_streams:
             break
         await asyncio.sleep(0.01)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -382,7 +382,7 @@ async def test_unreachable_llm_is_unavailable(unused_tcp_port, tmp_path):
     options = tiny_codec_options(
         data_dir=str(tmp_path),
         metrics_port=None,
-        llm_base_url=f"http://127.0.0.1:{unused_tcp_port}/v1",
+        llm_base_url=[f"http://127.0.0.1:{unused_tcp_port}/v1"],
         llm_model="nothing-listens-here",
     )
     async with running_server(options, grace=0.2) as srv:

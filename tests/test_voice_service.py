@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from miotts_stream.audio.reference import AudioLimits
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
-from miotts_stream.service.server import MioTTSServer, ServerOptions
+from miotts_stream.service.server import MioTTSServer
 from miotts_stream.voices.registry import embed_reference_audio
 
 from .audio_files import encode, voice_like
@@ -217,7 +217,7 @@ async def test_voices_survive_a_restart(stub, server):
     """A new serving layer on the same --data-dir (sharing the already running engine, to save
     starting vLLM again) finds the voice and speaks with it."""
     await stub.CreateVoice(tts_pb2.CreateVoiceRequest(voice_id="keeper", audio=OTHER_CLIP))
-    options = ServerOptions(**{**server.options.__dict__, "port": 0})
+    options = server.options.with_values(port=0)
     restarted = MioTTSServer(server.engine, options)
     await restarted.start()
     try:
@@ -242,7 +242,7 @@ def cli(data_dir: str, *args: str) -> subprocess.CompletedProcess:
 
 
 async def test_cli_and_server_share_the_store(stub, server, tiny_wavlm, tmp_path):
-    data_dir = server.options.data_dir
+    data_dir = server.options.voices.data_dir
     audio = tmp_path / "bob.wav"
     audio.write_bytes(encode(voice_like(3.0, 16000, seed=21, f0=110.0), 16000))
     made = await asyncio.to_thread(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from miotts_stream.audio.reference import AudioLimits
+from miotts_stream.bench.hostile import flac_bomb
 from miotts_stream.codec.voices import load_voice_file
 from miotts_stream.voices import (
     SQLiteVoiceStore,
@@ -151,6 +152,10 @@ def test_cli_create_list_export_import_delete(tmp_path, tiny_wavlm, tiny_encoder
     short.write_bytes(encode(voice_like(0.3, 24000), 24000))
     bad = cli(tmp_path, "create", "--audio", str(short), "--id", "short", *codec)
     assert bad.returncode == 1 and "too short" in bad.stderr
+    bomb = tmp_path / "bomb.flac"  # 150 KB of FLAC holding 1800 s at 384 kHz, undeclared
+    bomb.write_bytes(flac_bomb(1800, 384000, declare=False))
+    bad = cli(tmp_path, "create", "--audio", str(bomb), "--id", "bomb", *codec)
+    assert bad.returncode == 1 and "more than 30 s is too long" in bad.stderr
 
     exported = cli(tmp_path, "export", "--id", "me", "--out", str(tmp_path / "me.pt"))
     assert exported.returncode == 0, exported.stderr

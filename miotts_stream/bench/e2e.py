@@ -71,7 +71,7 @@ def stop_process(process: subprocess.Popen) -> None:
 async def server_subprocess(
     streams: int, *options: str, startup_timeout: float
 ) -> AsyncIterator[str]:
-    """`server.py` (built-in default, no metrics, HTTP on a free port) on loopback, serving
+    """`server.py` (built-in default, no metrics, no HTTP) on loopback, serving
     `streams` concurrent streams; yields its gRPC address once health says SERVING."""
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -83,8 +83,7 @@ async def server_subprocess(
         "--port",
         str(port),
         "--no-metrics",
-        "--http-port",
-        "0",
+        "--no-http",
         "--max-streams",
         str(streams),
         *options,

@@ -148,7 +148,7 @@ async def _main(args) -> int:
     from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
     codec = Path(__file__).resolve().parents[2] / "tests/fixtures/miocodec/tiny-24khz"
-    options = ServerOptions(
+    options = ServerOptions().with_values(
         model=args.model or str(ensure_demo_model("tiny")),
         codec=args.codec or str(codec),
         device="cpu",
@@ -156,6 +156,7 @@ async def _main(args) -> int:
         port=0,
         max_streams=args.concurrency,
         metrics_port=None,
+        http_port=None,
         max_text_chars=2000,
         max_model_len=512,
         kv_cache_gib=0.5,
@@ -179,7 +180,7 @@ async def _main(args) -> int:
                 for _ in range(index, args.sequences, args.concurrency):
                     try:
                         code = await asyncio.wait_for(
-                            run_sequence(channel, rng, options.max_text_chars), 60
+                            run_sequence(channel, rng, options.limits.max_text_chars), 60
                         )
                         name = code if isinstance(code, str) else code.name
                         codes[name] = codes.get(name, 0) + 1

@@ -213,6 +213,16 @@ async def run_level(address: str, probe: ServerProbe, streams: int, args) -> Lev
     return LevelReport(streams, list(results), before, after)
 
 
+def _no_http(root: Path) -> list[str]:
+    """The flags that turn HTTP off in the checkout at `root`: --no-http since the options were
+    declared in one place, --http-port 0 before that, none before HTTP existed."""
+    if (root / "miotts_stream/service/options.py").is_file():
+        return ["--no-http"]
+    if (root / "miotts_stream/service/http").is_dir():
+        return ["--http-port", "0"]
+    return []
+
+
 def start_processes(
     args, max_streams: int, root: Path = ROOT
 ) -> tuple[list[subprocess.Popen], str, ServerProbe]:
@@ -228,8 +238,7 @@ def start_processes(
         str(port),
         "--metrics-port",
         str(metrics_port),
-        # No HTTP port (a checkout from before HTTP existed does not know the flag).
-        *(["--http-port", "0"] if (root / "miotts_stream/service/http").is_dir() else []),
+        *_no_http(root),
         "--max-streams",
         str(max_streams),
         *(["--codec", codec] if codec != "random-24khz" else []),  # the default either way

@@ -135,12 +135,13 @@ def _print(sample: dict, label: str = "") -> None:
 async def _main(args) -> int:
     from miotts_stream.service.server import MioTTSServer, ServerOptions, build_engine
 
-    options = ServerOptions(
+    options = ServerOptions().with_values(
         model=args.model,
         codec=args.codec,
         host="127.0.0.1",
         port=0,
         metrics_port=None,
+        http_port=None,
         max_streams=max(16, args.streams),
     )
     engine = await build_engine(options)

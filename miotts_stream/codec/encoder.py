@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from miotts_stream.audio.resample import SincResampler, resample
+
 from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -29,7 +31,7 @@ from .checkpoint import (
 )
 from .config import CodecConfig, GlobalEncoderConfig, as_codec_config, load_config
 from .decoder import default_device, init_random_weights
-from .ssl import RANDOM_SSL_MODEL, SincResampler, SSLFeatures, average_layers
+from .ssl import RANDOM_SSL_MODEL, SSLFeatures, average_layers
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +246,7 @@ class MioCodecEncoder:
         """Resample to the codec's rate (torchaudio's default sinc, as upstream's load_audio)."""
         if sample_rate == self.sample_rate:
             return waveform
-        from miotts_stream.audio.reference import resample_to
-
-        return resample_to(waveform, sample_rate, self.sample_rate)
+        return resample(waveform, sample_rate, self.sample_rate)
 
     @torch.inference_mode()
     def _embed_same_length(self, clips: torch.Tensor) -> torch.Tensor:

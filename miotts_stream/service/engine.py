@@ -72,11 +72,13 @@ class SessionError(Exception):
     """A request problem; `code` says which status the transport should use.
 
     The message goes to the client as it is: it names the field or the limit, never internals.
+    `field`, when the problem is one field's, names it as data (OpenAI's `param`).
     """
 
-    def __init__(self, code: ErrorCode | str, message: str):
+    def __init__(self, code: ErrorCode | str, message: str, field: str | None = None):
         super().__init__(message)
         self.code = ErrorCode(code)  # a name ("INTERNAL") is accepted and made typed
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,7 @@ class SynthesisSession:
                 ErrorCode.INVALID_ARGUMENT,
                 f"text: {self.text_chars} characters exceeds the limit of "
                 f"{self.engine.max_text_chars} per stream",
+                field="text",
             )
         for segment in self.segmenter.push(text):
             self._add_segment(segment)
@@ -293,7 +296,7 @@ class SynthesisSession:
         self._input_ended = True
         self._input_changed.set()
         if not self._segment_list:
-            raise SessionError(ErrorCode.INVALID_ARGUMENT, "text: no text to synthesize")
+            raise SessionError(ErrorCode.INVALID_ARGUMENT, "text: no text to synthesize", "text")
         self._segments.put_nowait(None)
 
     def cancel(self) -> None:

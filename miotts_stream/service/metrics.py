@@ -59,6 +59,15 @@ class ServiceMetrics:
             ["key", "code"],
             registry=self.registry,
         )
+        self.http_connections = Gauge(
+            "miotts_http_connections", "Connections open on the HTTP port", registry=self.registry
+        )
+        self.http_connections_closed = Counter(
+            "miotts_http_connections_closed",
+            "HTTP connections the server closed for a time limit or over its connection cap",
+            ["reason"],
+            registry=self.registry,
+        )
         self._http = None
 
     def watch_decoder(self, scheduler) -> None:

@@ -68,9 +68,16 @@ async def _drain(requests) -> None:
 
 @dataclass
 class Undecodable:
-    """A request message that did not parse; `message` names the field and the problem."""
+    """A request message that did not parse: which field (None: the message as a whole is not
+    protobuf), and why."""
 
-    message: str
+    field: str | None
+    reason: str
+
+    def error(self) -> SessionError:
+        if self.field is None:
+            return SessionError(ErrorCode.INVALID_ARGUMENT, f"request: {self.reason}")
+        return invalid(self.field, self.reason)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -132,8 +139,8 @@ def tolerant_deserializer(message_type):
         except DecodeError:
             bad = find_bad_field(message_type.DESCRIPTOR, data)
             if bad is None or bad == "<message>":
-                return Undecodable("request: not a valid protobuf message")
-            return Undecodable(f"{bad}: not valid UTF-8")
+                return Undecodable(None, "not a valid protobuf message")
+            return Undecodable(bad, "not valid UTF-8")
 
     return deserialize
 
@@ -281,14 +288,15 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 first = await requests.__anext__()
             except StopAsyncIteration:
                 raise invalid(
-                    "config: the stream ended before its first message (a config)"
+                    "config", "the stream ended before its first message (a config)"
                 ) from None
             if isinstance(first, Undecodable):
-                raise invalid(first.message)
+                raise first.error()
             kind = first.WhichOneof("request")
             if kind != "config":
                 raise invalid(
-                    f"config: the first message must be a config, got {kind or 'an empty message'}"
+                    "config",
+                    f"the first message must be a config, got {kind or 'an empty message'}",
                 )
             session = await self.admission.open(first.config, key)
         except SessionError as err:
@@ -307,7 +315,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         try:
             async for request in requests:
                 if isinstance(request, Undecodable):
-                    raise invalid(request.message)
+                    raise request.error()
                 kind = request.WhichOneof("request")
                 if kind == "text":
                     session.push_text(request.text)
@@ -320,9 +328,12 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     session.cancel()
                     break
                 elif kind == "config":
-                    raise invalid("config: sent twice; only the first message may be a config")
+                    raise invalid("config", "sent twice; only the first message may be a config")
                 else:
-                    raise invalid("request: empty message (set one of the request fields)")
+                    raise SessionError(
+                        ErrorCode.INVALID_ARGUMENT,
+                        "request: empty message (set one of the request fields)",
+                    )
             if not ended and not session.cancelled:
                 session.end_input()  # half-close without end_of_input: finish what was sent
         except SessionError as err:
@@ -338,13 +349,13 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
-                raise invalid(request.message)
+                raise request.error()
             session = await self.admission.open(request.config, key)
         except SessionError as err:
             await self._abort(context, method, err, key)
         try:
             if not request.text.strip():
-                raise invalid("text: no text to synthesize")
+                raise invalid("text", "no text to synthesize")
             session.push_text(request.text)
             session.end_input()
         except SessionError as err:
@@ -362,7 +373,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
-                code, message = ErrorCode.INVALID_ARGUMENT, request.message
+                code, message = ErrorCode.INVALID_ARGUMENT, str(request.error())
             else:
                 return await call()
         except Exception as err:

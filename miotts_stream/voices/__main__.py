@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace, store: VoiceStore) -> int:
         check_new_voice_id(args.voice_id, VoiceLibrary(), store)  # before loading the encoder
         encoder = make_encoder(args.codec, args.ssl_model, args.device)
         limits = AudioLimits(args.min_seconds, args.max_seconds)
-        embedding, seconds = embed_reference_audio(encoder, args.audio.read_bytes(), limits)
+        embedding, seconds = embed_reference_audio(encoder, args.audio, limits)
         record = store.create(
             VoiceRecord(
                 voice_id=args.voice_id,

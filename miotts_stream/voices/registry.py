@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -41,16 +42,19 @@ logger = logging.getLogger(__name__)
 class PresetVoice(Exception):
     """The voice is a built-in or configured preset: it cannot be deleted."""
 
+    field = "voice_id"
+
 
 class EncoderUnavailable(RuntimeError):
     """The speaker encoder cannot be loaded (a missing SSL model, no model hub, ...)."""
 
 
 def embed_reference_audio(
-    encoder: MioCodecEncoder, data: bytes, limits: AudioLimits
+    encoder: MioCodecEncoder, source: bytes | Path, limits: AudioLimits
 ) -> tuple[torch.Tensor, float]:
-    """Encoded audio -> (embedding, seconds used). BadAudio says what is wrong with the audio."""
-    reference = prepare_reference(data, encoder.sample_rate, limits)
+    """Encoded audio (bytes, or a file's path) -> (embedding, seconds used). BadAudio says what
+    is wrong with the audio. Every way in (HTTP, WebSocket, gRPC, the CLI) comes here."""
+    reference = prepare_reference(source, encoder.sample_rate, limits)
     embedding = encoder.embed(reference.samples, reference.sample_rate)
     return check_embedding(embedding, encoder.embedding_dim, "embedding"), (
         reference.duration_seconds

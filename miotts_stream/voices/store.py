@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VOICE_ID = re.compile(r"^[a-z0-9_-]{1,64}$")
+from miotts_stream.errors import FieldError
+
+VOICE_ID = re.compile(r"[a-z0-9_-]{1,64}")  # matched whole (fullmatch): no trailing newline
 MAX_DISPLAY_NAME_CHARS = 200
 MAX_LANGUAGE_CHARS = 35  # a BCP 47 tag
 DEFAULT_DATA_DIR = Path(".data")
@@ -35,6 +37,8 @@ DB_FILE = "voices.sqlite3"
 class VoiceExists(Exception):
     """A voice with this id exists already (a stored voice or a preset)."""
 
+    field = "voice_id"
+
 
 class VoiceStoreUnavailable(RuntimeError):
     """The store cannot be reached now (a shared database down or out of connections): a
@@ -43,6 +47,8 @@ class VoiceStoreUnavailable(RuntimeError):
 
 class VoiceNotFound(KeyError):
     """No voice with this id."""
+
+    field = "voice_id"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "voice not found"
@@ -54,24 +60,22 @@ class VoiceSource(StrEnum):
 
 
 def check_voice_id(voice_id: str, what: str = "voice_id") -> str:
-    if not isinstance(voice_id, str) or not VOICE_ID.match(voice_id):
-        raise ValueError(
-            f"{what}: {voice_id!r} is not a valid id (1 to 64 of a-z, 0-9, '_' and '-')"
-        )
+    if not isinstance(voice_id, str) or not VOICE_ID.fullmatch(voice_id):
+        raise FieldError(what, f"{voice_id!r} is not a valid id (1 to 64 of a-z, 0-9, '_' and '-')")
     return voice_id
 
 
 def check_display_name(name: str) -> str:
     if len(name) > MAX_DISPLAY_NAME_CHARS or any(ord(c) < 32 for c in name):
-        raise ValueError(
-            f"display_name: at most {MAX_DISPLAY_NAME_CHARS} characters, no control characters"
+        raise FieldError(
+            "display_name", f"at most {MAX_DISPLAY_NAME_CHARS} characters, no control characters"
         )
     return name
 
 
 def check_language(language: str) -> str:
     if len(language) > MAX_LANGUAGE_CHARS or not re.fullmatch(r"[A-Za-z0-9-]*", language):
-        raise ValueError(f"language: {language!r} is not a language tag such as 'en' or 'ja'")
+        raise FieldError("language", f"{language!r} is not a language tag such as 'en' or 'ja'")
     return language
 
 

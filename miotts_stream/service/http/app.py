@@ -15,20 +15,25 @@ Routes:
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from miotts_stream.service.admission import Admission, invalid, voice_error
 from miotts_stream.service.engine import ErrorCode, SessionError
+from miotts_stream.service.options import HttpConnectionOptions
 
-from .errors import error_object, error_response
+from .connections import ConnectionGuard, GuardedSite
+from .errors import error_response
 from .speech import handle_speech
 from .websocket import handle_stream
 
@@ -37,8 +42,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 @dataclass(frozen=True)
 class HttpOptions:
-    heartbeat_s: float = 30.0  # WebSocket pings to find dead peers (--keepalive-time-s)
-    max_request_bytes: int = 16 * 1024 * 1024 + 64 * 1024  # --max-receive-message-bytes
+    heartbeat_s: float  # WebSocket pings to find dead peers (--keepalive-time-s)
+    max_request_bytes: int  # request bodies and WebSocket frames (--max-receive-message-bytes)
+    connections: HttpConnectionOptions  # time limits and the cap (connections.py)
 
 
 def proto_json(message: Message) -> dict[str, Any]:
@@ -48,35 +54,64 @@ def proto_json(message: Message) -> dict[str, Any]:
     )
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler):
-    """aiohttp's own errors (unknown path, wrong method, body too large) as OpenAI error
-    objects, like every other error of the API."""
-    try:
-        return await handler(request)
-    except web.HTTPException as err:
-        if err.status < 400 or not request.path.startswith("/v1/"):
-            raise
-        code = {
-            401: ErrorCode.UNAUTHENTICATED,
-            404: ErrorCode.NOT_FOUND,
-            405: ErrorCode.UNIMPLEMENTED,
-            413: ErrorCode.RESOURCE_EXHAUSTED,
-        }.get(err.status, ErrorCode.INVALID_ARGUMENT)
-        body = error_object(code, f"{request.method} {request.path}: {err.reason}")
-        return web.json_response(body, status=err.status)
+# aiohttp's own errors, as the engine's codes.
+HTTP_EXCEPTION_CODES = {
+    HTTPStatus.UNAUTHORIZED: ErrorCode.UNAUTHENTICATED,
+    HTTPStatus.NOT_FOUND: ErrorCode.NOT_FOUND,
+    HTTPStatus.METHOD_NOT_ALLOWED: ErrorCode.UNIMPLEMENTED,
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: ErrorCode.RESOURCE_EXHAUSTED,
+}
+
+
+def json_errors(max_request_bytes: int):
+    """A middleware answering aiohttp's own errors (unknown path, wrong method, a body over
+    the limit) with OpenAI error objects, like every other error of the API."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as err:
+            if err.status < 400 or not request.path.startswith("/v1/"):
+                raise
+            code = HTTP_EXCEPTION_CODES.get(HTTPStatus(err.status), ErrorCode.INVALID_ARGUMENT)
+            if err.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                error = SessionError(
+                    code, f"request body: larger than the limit of {max_request_bytes} bytes"
+                )
+            else:
+                error = SessionError(code, f"{request.method} {request.path}: {err.reason}")
+            return error_response(error, err.status)
+
+    return middleware
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger, as this service wants it: a request aiohttp cannot parse (a
+    bad header, a line too long, a body cut short: the client's doing, answered 400 and
+    closed by aiohttp) is one line at DEBUG, as aiohttp already logs non-HTTP bytes; aiohttp
+    logs every other such request at ERROR with a traceback. Its own failures keep theirs."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            reason = " ".join(str(exc_info).split())
+            self.debug(f"{msg}: %s: %s", *args, type(exc_info).__name__, reason, **kwargs)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class HttpTransport:
-    def __init__(self, admission: Admission, options: HttpOptions | None = None):
+    def __init__(self, admission: Admission, options: HttpOptions):
         self.admission = admission
-        self.options = options or HttpOptions()
+        self.options = options
+        self.guard = ConnectionGuard(options.connections, admission.metrics)
         self.port = 0
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[json_errors], client_max_size=self.options.max_request_bytes
+            middlewares=[self.guard.middleware(), json_errors(self.options.max_request_bytes)],
+            client_max_size=self.options.max_request_bytes,
         )
         stream = partial(
             handle_stream,
@@ -104,10 +139,14 @@ class HttpTransport:
         # handler_cancellation: a client that disconnects cancels its handler at once, so its
         # session (and engine request) ends even while it waits for the next audio chunk.
         self._runner = web.AppRunner(
-            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            logger=ServerLog(logging.getLogger("aiohttp.server")),
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        site = GuardedSite(self._runner, host, port, self.guard, ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port
@@ -155,6 +194,9 @@ class HttpTransport:
         try:
             key = self._authenticate(request)
             return web.json_response(await call(), status=status)
+        except web.HTTPException as err:  # aiohttp's (a body over the limit): json_errors
+            code = HTTP_EXCEPTION_CODES.get(HTTPStatus(err.status), ErrorCode.INVALID_ARGUMENT)
+            raise
         except Exception as err:
             error = voice_error(method, err)
             code = error.code
@@ -201,18 +243,24 @@ class HttpTransport:
         """The multipart form of a new voice: `audio` (a file), `voice_id`, `display_name`,
         `language`."""
         if not request.content_type.startswith("multipart/"):
-            raise invalid(
-                "request body: must be multipart/form-data with an 'audio' file and a 'voice_id'"
+            raise SessionError(
+                ErrorCode.INVALID_ARGUMENT,
+                "request body: must be multipart/form-data with an 'audio' file and a 'voice_id'",
             )
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError) as err:  # aiohttp's multipart reader on bad input
+            raise SessionError(
+                ErrorCode.INVALID_ARGUMENT, f"request body: not a readable form ({err})"
+            ) from None
         fields: dict[str, Any] = {}
         for name in ("voice_id", "display_name", "language"):
             value = form.get(name, "")
             if not isinstance(value, str):
-                raise invalid(f"{name}: must be a text field, not a file")
+                raise invalid(name, "must be a text field, not a file")
             fields[name] = value
         audio = form.get("audio")
         if audio is None:
-            raise invalid("audio: required: the reference audio as a file field")
+            raise invalid("audio", "required: the reference audio as a file field")
         fields["audio"] = audio.file.read() if hasattr(audio, "file") else str(audio).encode()
         return fields

@@ -4,7 +4,6 @@ WebSocket close codes."""
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,23 +51,20 @@ HTTP_ERRORS: dict[ErrorCode, HttpError] = {
     ErrorCode.INTERNAL: HttpError(500, "server_error", CloseCode.INTERNAL_ERROR),
 }
 
-# Messages name their field first ("voice.preset: unknown preset ...", "generation.top_p must
-# be ..."): that is OpenAI's `param`.
-_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)(?:: | must )")
 
-
-def error_object(code: ErrorCode, message: str) -> dict[str, Any]:
-    """OpenAI's error object; `code` is the gRPC status name, as in the WebSocket's errors."""
-    field = _FIELD.match(message)
+def error_object(err: SessionError) -> dict[str, Any]:
+    """OpenAI's error object: `param` is the field the error is about (None when it is not one
+    field's), `code` the gRPC status name, as in the WebSocket's errors."""
     return {
         "error": {
-            "message": message,
-            "type": HTTP_ERRORS[code].error_type,
-            "param": field.group(1) if field else None,
-            "code": code.value,
+            "message": str(err),
+            "type": HTTP_ERRORS[err.code].error_type,
+            "param": err.field,
+            "code": err.code.value,
         }
     }
 
 
-def error_response(err: SessionError) -> web.Response:
-    return web.json_response(error_object(err.code, str(err)), status=HTTP_ERRORS[err.code].status)
+def error_response(err: SessionError, status: int | None = None) -> web.Response:
+    """The error as a JSON response, with the table's status unless `status` says otherwise."""
+    return web.json_response(error_object(err), status=status or HTTP_ERRORS[err.code].status)

@@ -18,9 +18,10 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from miotts_stream.audio.containers import (
     ContainerFormat,
@@ -38,6 +39,7 @@ from miotts_stream.service.engine import (
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
 
 from .errors import error_object, error_response
+from .json_input import check_strings, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +101,9 @@ class SpeechRequest:
 def _string(body: dict[str, Any], name: str, default: str | None = None) -> str:
     value = body.get(name, default)
     if value is None:
-        raise invalid(f"{name}: required")
+        raise invalid(name, "required")
     if not isinstance(value, str):
-        raise invalid(f"{name}: must be a string, got {type(value).__name__}")
+        raise invalid(name, f"must be a string, got {type(value).__name__}")
     return value
 
 
@@ -111,9 +113,9 @@ def _number(body: dict[str, Any], name: str, integer: bool = False) -> float | i
         return None
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise invalid(f"{name}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+        raise invalid(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
     if not integer and not math.isfinite(value):
-        raise invalid(f"{name}: must be finite")
+        raise invalid(name, "must be finite")
     return value
 
 
@@ -123,29 +125,35 @@ def _choice(body: dict[str, Any], name: str, kind: type[enum.Enum], default: str
         return kind(value)
     except ValueError:
         allowed = ", ".join(member.value for member in kind)
-        raise invalid(f"{name}: {value!r} is not one of {allowed}") from None
+        raise invalid(name, f"{value!r} is not one of {allowed}") from None
 
 
-def parse_speech_request(body: Any, presets) -> SpeechRequest:
+def parse_speech_request(body: Any, presets, max_text_chars: int) -> SpeechRequest:
     """The request's JSON body, checked field by field; SessionError naming the field."""
     if not isinstance(body, dict):
-        raise invalid("request body: must be a JSON object")
+        raise SessionError(ErrorCode.INVALID_ARGUMENT, "request body: must be a JSON object")
+    check_strings(body)
     unknown = sorted(set(body) - {*OPENAI_FIELDS, STREAM_FIELD, *EXTRA_FIELDS})
     if unknown:
-        raise invalid(f"{unknown[0]}: unknown field")
+        raise invalid(unknown[0], "unknown field")
     _string(body, "model")  # one model is served: any name is taken (OpenAI's clients need one)
     text = _string(body, "input")
     if not text.strip():
-        raise invalid("input: no text to synthesize")
+        raise invalid("input", "no text to synthesize")
+    if len(text) > max_text_chars:
+        raise invalid(
+            "input", f"{len(text)} characters exceeds the limit of {max_text_chars} per request"
+        )
     _string(body, "instructions", "")  # accepted and ignored: MioTTS takes no style prompt
     voice = body.get("voice")
+    voice_field = "voice"
     if isinstance(voice, dict):  # OpenAI's custom voice reference: {"id": ...}
-        voice = voice.get("id")
+        voice, voice_field = voice.get("id", ""), "voice.id"
     if voice is not None and (not isinstance(voice, str) or not voice):
-        raise invalid("voice: must be a preset name or a stored voice id")
+        raise invalid(voice_field, "must be a preset name or a stored voice id")
     speed = _number(body, "speed")
     if speed is not None and speed != 1.0:
-        raise invalid(f"speed: only 1.0 is supported, got {speed}")
+        raise invalid("speed", f"only 1.0 is supported, got {speed}")
     response_format = _choice(body, "response_format", ResponseFormat, "mp3")
     stream_format = _choice(body, STREAM_FIELD, StreamFormat, "audio")
 
@@ -165,16 +173,16 @@ def parse_speech_request(body: Any, presets) -> SpeechRequest:
         rate = OPENAI_PCM_RATE
     config.audio.sample_rate_hz = rate or 0
     if rate is not None and rate <= 0:
-        raise invalid(f"sample_rate: must be a positive rate in Hz, got {rate}")
+        raise invalid("sample_rate", f"must be a positive rate in Hz, got {rate}")
     config.language = _string(body, "language", "auto")
     generation = config.generation
     for name in ("seed", "max_tokens"):
         value = _number(body, name, integer=True)
         if value is not None:
             if name == "seed" and not -(2**63) <= value < 2**63:
-                raise invalid("seed: must fit in 64 bits")
+                raise invalid("seed", "must fit in 64 bits")
             if name == "max_tokens" and not 0 < value < 2**31:
-                raise invalid(f"max_tokens: must be positive, got {value}")
+                raise invalid("max_tokens", f"must be positive, got {value}")
             setattr(generation, name, value)
     for name in ("temperature", "top_p", "repetition_penalty"):
         value = _number(body, name)
@@ -250,7 +258,8 @@ class SpeechResponse:
                     "X-Accel-Buffering": "no",  # proxies: pass each chunk on at once
                 }
             )
-            response.enable_chunked_encoding()
+            # No length: HTTP/1.1 gets a chunked body, HTTP/1.0 one that ends with the
+            # connection (aiohttp chooses by the request's version).
             await response.prepare(self.request)
             self.response = response
         return self.response
@@ -285,7 +294,7 @@ class SpeechResponse:
             return error_response(err)
         if self.speech.stream_format is StreamFormat.SSE:
             with contextlib.suppress(ConnectionError):
-                event = {"type": "error", **error_object(err.code, str(err))}
+                event = {"type": "error", **error_object(err)}
                 await self.response.write(_sse(event))
                 await self.response.write_eof()
         elif self.request.transport is not None:
@@ -297,20 +306,30 @@ async def handle_speech(request: web.Request, admission: Admission) -> web.Strea
     key = None
     try:
         key = admission.authenticate(request.headers.get("Authorization"))
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError) as err:
-            raise invalid(f"request body: not JSON ({err})") from None
-        speech = parse_speech_request(body, admission.engine.voices)
+        body = parse_json(await request.read(), "request body")
+        engine = admission.engine
+        speech = parse_speech_request(body, engine.voices, engine.max_text_chars)
+        if request.version < HttpVersion11 and speech.stream_format is StreamFormat.AUDIO:
+            # HTTP/1.0 has no chunks: its body ends with the connection, and a stream cut off
+            # by an error would look whole. SSE says so in its events; audio cannot.
+            err = SessionError(
+                ErrorCode.UNIMPLEMENTED,
+                "stream_format: audio streams need HTTP/1.1 (a chunked body, so that a stream "
+                "cut off shows); use HTTP/1.1, or stream_format sse",
+                "stream_format",
+            )
+            admission.count(METHOD, err.code, key)
+            return error_response(err, HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
         try:
             session = await admission.open(speech.config, key)
         except SessionError as err:
             if err.code is ErrorCode.NOT_FOUND and speech.config.voice.voice_id:
-                known = ", ".join(admission.engine.voices.names())
+                known = ", ".join(engine.voices.names())
                 raise SessionError(
                     ErrorCode.NOT_FOUND,
                     f"voice: {speech.config.voice.voice_id!r} is neither a preset ({known}) "
                     "nor a stored voice (GET /v1/voices lists them)",
+                    "voice",
                 ) from None
             raise
     except SessionError as err:

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import asdict
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 from google.protobuf import json_format
 
 from miotts_stream.service.access import ApiKey
@@ -36,6 +36,7 @@ from miotts_stream.service.engine import (
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
 
 from .errors import HTTP_ERRORS, CloseCode, error_response
+from .json_input import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,32 @@ class _ClientGone(Exception):
     """The client closed the connection (or it broke)."""
 
 
+def _offered_protocols(request: web.Request) -> list[str]:
+    header = request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "")
+    return [protocol.strip() for protocol in header.split(",") if protocol.strip()]
+
+
 def authorization_of(request: web.Request) -> str | None:
     """The `Authorization` header, or a key offered as the `bearer.KEY` subprotocol."""
-    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
-        protocol = protocol.strip()
+    for protocol in _offered_protocols(request):
         if protocol.startswith(BEARER_SUBPROTOCOL):
             return "Bearer " + protocol[len(BEARER_SUBPROTOCOL) :]
-    return request.headers.get("Authorization")
+    return request.headers.get(hdrs.AUTHORIZATION)
+
+
+def without_key_protocols(request: web.Request) -> web.Request:
+    """The request as aiohttp's handshake should see it: without `bearer.KEY` subprotocols.
+    The key has done its work (authentication), and aiohttp logs the subprotocols a client
+    offers when none is one it knows, which would put the key in the log."""
+    offered = _offered_protocols(request)
+    kept = [p for p in offered if not p.startswith(BEARER_SUBPROTOCOL)]
+    if kept == offered:
+        return request
+    headers = request.headers.copy()
+    del headers[hdrs.SEC_WEBSOCKET_PROTOCOL]
+    if kept:
+        headers[hdrs.SEC_WEBSOCKET_PROTOCOL] = ", ".join(kept)
+    return request.clone(headers=headers)
 
 
 def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
@@ -83,21 +103,23 @@ def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
     if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
         raise _ClientGone
     if message.type == WSMsgType.BINARY:
-        raise invalid("message: binary frames are not accepted; send JSON text frames")
-    try:
-        fields = json.loads(message.data)
-    except ValueError as err:
-        raise invalid(f"message: not JSON ({err})") from None
+        raise SessionError(
+            ErrorCode.INVALID_ARGUMENT,
+            "message: binary frames are not accepted; send JSON text frames",
+        )
+    fields = parse_json(message.data, "message")
     if not isinstance(fields, dict):
-        raise invalid("message: must be a JSON object with a 'type'")
+        raise SessionError(
+            ErrorCode.INVALID_ARGUMENT, "message: must be a JSON object with a 'type'"
+        )
     kind = fields.pop("type", None)
     if kind is None:
-        raise invalid("type: missing (config, text, flush, cancel or end)")
+        raise invalid("type", "missing (config, text, flush, cancel or end)")
     try:
         return ClientMessage(kind), fields
     except ValueError:
         allowed = ", ".join(m.value for m in ClientMessage)
-        raise invalid(f"type: unknown message type {kind!r} (one of {allowed})") from None
+        raise invalid("type", f"unknown message type {kind!r} (one of {allowed})") from None
 
 
 def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
@@ -105,7 +127,7 @@ def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
         return json_format.ParseDict(fields, tts_pb2.SynthesisConfig())
     except json_format.ParseError as err:
         first_line = str(err).splitlines()[0]
-        raise invalid(f"config: {first_line}") from None
+        raise invalid("config", first_line) from None
 
 
 def _audio_header(event: AudioOut, size: int) -> dict[str, Any]:
@@ -141,9 +163,10 @@ class StreamConnection:
 
     async def _fail(self, err: SessionError, close_code: CloseCode | None = None) -> None:
         with contextlib.suppress(Exception):
-            await self._send(
-                {"type": ServerMessage.ERROR.value, "code": err.code.value, "message": str(err)}
-            )
+            error = {"type": ServerMessage.ERROR.value, "code": err.code.value, "message": str(err)}
+            if err.field is not None:
+                error["field"] = err.field
+            await self._send(error)
         code = close_code or HTTP_ERRORS[err.code].close_code
         reason = str(err).encode()[:120].decode(errors="ignore")  # a close reason: <= 123 bytes
         with contextlib.suppress(Exception):
@@ -159,10 +182,11 @@ class StreamConnection:
                 raise SessionError(
                     ErrorCode.DEADLINE_EXCEEDED,
                     f"config: none received within {idle_timeout_s:g} s (--idle-timeout-s)",
+                    "config",
                 ) from None
             kind, fields = parse_message(first)
             if kind is not ClientMessage.CONFIG:
-                raise invalid(f"config: the first message must be a config, got {kind.value}")
+                raise invalid("config", f"the first message must be a config, got {kind.value}")
             session = await self.admission.open(parse_config(fields), self.key)
         except _ClientGone:
             self.admission.count(METHOD, ErrorCode.CANCELLED, self.key)
@@ -258,7 +282,7 @@ class StreamConnection:
                 if kind is ClientMessage.TEXT:
                     text = fields.get("text")
                     if not isinstance(text, str):
-                        raise invalid("text: must be a string")
+                        raise invalid("text", "must be a string")
                     session.push_text(text)
                 elif kind is ClientMessage.FLUSH:
                     session.flush()
@@ -271,7 +295,7 @@ class StreamConnection:
                     session.cancel()
                     break
                 else:
-                    raise invalid("config: sent twice; only the first message may be a config")
+                    raise invalid("config", "sent twice; only the first message may be a config")
             if not ended and not session.cancelled:
                 session.cancel()  # the client closed the socket: no one would hear the rest
         except SessionError as err:
@@ -298,6 +322,6 @@ async def handle_stream(
         max_msg_size=max_message_bytes,
         compress=False,  # audio does not compress; deflate would only cost CPU
     )
-    await ws.prepare(request)
+    await ws.prepare(without_key_protocols(request))
     await StreamConnection(ws, admission, key).run(admission.engine.limits.idle_s)
     return ws
