@@ -370,7 +370,7 @@ async def test_over_max_streams_is_resource_exhausted(stub, server):
         await asyncio.sleep(0.01)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="One more.")))
-    limit = f"the most this server takes at once is {server.options.max_streams}"
+    limit = f"the most this server takes at once is {server.options.limits.max_streams}"
     _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, limit)(caught.value)
     release.set()
     await asyncio.gather(*readers)
