@@ -16,13 +16,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from .access import ApiKey
-from .admission import (
-    PROTO_ENCODINGS,
-    Admission,
-    invalid,
-    stop_blocked_writer,
-    voice_error,
-)
+from .admission import PROTO_ENCODINGS, Admission, invalid, voice_error
 from .engine import (
     AudioOut,
     ErrorCode,
@@ -34,6 +28,7 @@ from .engine import (
     SynthesisSession,
 )
 from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+from .runner import ERROR_DRAIN_S, run_session
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +37,13 @@ _ENCODING_TO_PROTO = {v: k for k, v in PROTO_ENCODINGS.items() if k != tts_pb2.E
 
 GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
 
-# Before ending a stream with an error, read (and drop) what the client is still sending, for up
-# to this long or until it half-closes. grpcio's asyncio client reports INTERNAL "Internal error
-# from Core" instead of our status when one of its writes lands after the status arrived
-# (grpc/grpc#36066); messages it had already queued are written within milliseconds.
-ERROR_DRAIN_S = 0.25
-
 
 async def _drain(requests) -> None:
+    """Read (and drop) what the client is still sending, for up to ERROR_DRAIN_S or until it
+    half-closes: grpcio's asyncio client reports INTERNAL "Internal error from Core" instead of
+    the status when one of its writes lands after the status arrived (grpc/grpc#36066); the
+    messages it had already queued are written within milliseconds."""
+
     async def consume() -> None:
         async for _ in requests:
             pass
@@ -177,6 +171,20 @@ def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> No
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+class GrpcSink:
+    """A session's outcome over gRPC: each event one response message, a failure the call's
+    status (the handler ends there)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    async def send(self, event: Event) -> None:
+        await self.context.write(TextToSpeechServicer.to_proto(event))
+
+    async def fail(self, error: SessionError) -> None:
+        await self.context.abort(GRPC_STATUS[error.code], str(error))
+
+
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     """The gRPC face of `Admission` and the engine: what is the same for every transport
     (keys, limits, configs, voices, metrics) is done there."""
@@ -226,44 +234,6 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             )
         )
 
-    async def _run_session(
-        self, session: SynthesisSession, method: str, context, key: ApiKey | None, reader=None
-    ):
-        """Stream a session's events to the client; always cleans up."""
-        code = ErrorCode.OK
-        stop_blocked_writer(session, asyncio.current_task())
-        try:
-            async with contextlib.aclosing(session.events()) as events:
-                async for event in events:
-                    if isinstance(event, Summary):
-                        self.admission.observe(event)
-                    yield self.to_proto(event)
-        except SessionError as err:
-            code = err.code
-            if reader is not None:  # it drains the client's messages once the session failed
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
-            await context.abort(GRPC_STATUS[err.code], str(err))
-        except (asyncio.CancelledError, GeneratorExit):
-            code = session.error.code if session.error is not None else ErrorCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = ErrorCode.INTERNAL
-            logger.exception("session %s failed", session.id)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        finally:
-            if reader is not None:
-                if not reader.done():  # let it drain the client's last messages first
-                    await asyncio.wait({reader}, timeout=ERROR_DRAIN_S)
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
-            await session.close()
-            self.admission.release(key)
-            self.admission.count(method, code, key)
-
     def _authenticate(self, context) -> ApiKey | None:
         """The caller's key (None when the service is open); raises UNAUTHENTICATED."""
         authorization = None
@@ -303,11 +273,16 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             await _drain(requests)
             await self._abort(context, method, err, key)
         reader = asyncio.get_running_loop().create_task(self._read(requests, session))
-        async with contextlib.aclosing(
-            self._run_session(session, method, context, key, reader)
-        ) as responses:
-            async for response in responses:
-                yield response
+        try:
+            await run_session(
+                self.admission, session, GrpcSink(context), method=method, key=key, reader=reader
+            )
+        finally:
+            if not reader.done():  # let it drain the client's last messages first
+                await asyncio.wait({reader}, timeout=ERROR_DRAIN_S)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
 
     async def _read(self, requests, session: SynthesisSession) -> None:
         """Feed the client's messages into the session; problems fail the session."""
@@ -360,11 +335,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             session.end_input()
         except SessionError as err:
             session.fail(err)
-        async with contextlib.aclosing(
-            self._run_session(session, method, context, key)
-        ) as responses:
-            async for response in responses:
-                yield response
+        await run_session(self.admission, session, GrpcSink(context), method=method, key=key)
 
     # ---- voices ----------------------------------------------------------------------------
     async def _voice_rpc(self, method: str, request, context, call):

@@ -23,10 +23,11 @@ from aiohttp import WSMsgType, hdrs, web
 from google.protobuf import json_format
 
 from miotts_stream.service.access import ApiKey
-from miotts_stream.service.admission import Admission, invalid, stop_blocked_writer
+from miotts_stream.service.admission import Admission, invalid
 from miotts_stream.service.engine import (
     AudioOut,
     ErrorCode,
+    Event,
     SegmentFinished,
     SegmentStarted,
     SessionError,
@@ -34,6 +35,7 @@ from miotts_stream.service.engine import (
     SynthesisSession,
 )
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
+from miotts_stream.service.runner import run_session
 
 from .errors import HTTP_ERRORS, CloseCode, error_response
 from .json_input import parse_json
@@ -45,8 +47,6 @@ METHOD = "WS /v1/stream"
 # WebSocket: they offer `bearer.KEY` as a second subprotocol instead (never echoed back).
 SUBPROTOCOL = "miotts.v1"
 BEARER_SUBPROTOCOL = "bearer."
-# Before an error's close, read (and drop) what the client still sends, for up to this long.
-ERROR_DRAIN_S = 0.25
 
 
 class ClientMessage(enum.Enum):
@@ -161,20 +161,19 @@ class StreamConnection:
             if data is not None:
                 await self.ws.send_bytes(data)
 
-    async def _fail(self, err: SessionError, close_code: CloseCode | None = None) -> None:
+    async def fail(self, err: SessionError) -> None:
+        """Send the error, then close with the code of the shared table."""
         with contextlib.suppress(Exception):
             error = {"type": ServerMessage.ERROR.value, "code": err.code.value, "message": str(err)}
             if err.field is not None:
                 error["field"] = err.field
             await self._send(error)
-        code = close_code or HTTP_ERRORS[err.code].close_code
+        code = HTTP_ERRORS[err.code].close_code
         reason = str(err).encode()[:120].decode(errors="ignore")  # a close reason: <= 123 bytes
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=reason.encode())
 
     async def run(self, idle_timeout_s: float) -> None:
-        session = None
-        code = ErrorCode.OK
         try:
             try:
                 first = await self.ws.receive(timeout=idle_timeout_s or None)
@@ -193,56 +192,36 @@ class StreamConnection:
             return
         except SessionError as err:
             self.admission.count(METHOD, err.code, self.key)
-            await self._fail(err)
+            await self.fail(err)
             return
-        try:
-            code = await self._stream(session)
-        finally:
-            self.admission.release(self.key)
-            self.admission.count(METHOD, code, self.key)
+        await self._stream(session)
 
-    async def _stream(self, session: SynthesisSession) -> ErrorCode:
+    async def _stream(self, session: SynthesisSession) -> None:
         reader = asyncio.get_running_loop().create_task(self._read(session))
-        stop_blocked_writer(session, asyncio.current_task())
-        code = ErrorCode.OK
         try:
-            await self._send(
-                {
-                    "type": ServerMessage.READY.value,
-                    "session_id": session.id,
-                    "encoding": session.config.encoding.value,
-                    "sample_rate_hz": session.encoder.out_rate,
-                    "random_weights": self.admission.engine.random_weights,
-                }
+            with contextlib.suppress(ConnectionError):  # gone before ready: run_session sees it
+                await self._send(
+                    {
+                        "type": ServerMessage.READY.value,
+                        "session_id": session.id,
+                        "encoding": session.config.encoding.value,
+                        "sample_rate_hz": session.encoder.out_rate,
+                        "random_weights": self.admission.engine.random_weights,
+                    }
+                )
+            code = await run_session(
+                self.admission, session, self, method=METHOD, key=self.key, reader=reader
             )
-            async with contextlib.aclosing(session.events()) as events:
-                async for event in events:
-                    await self._send_event(event)
-            if session.cancelled:
-                code = ErrorCode.CANCELLED
-                await self.ws.close(code=CloseCode.NORMAL, message=b"cancelled")
-            else:
-                await self.ws.close(code=CloseCode.NORMAL, message=b"done")
-        except SessionError as err:
-            code = err.code
-            with contextlib.suppress(Exception):  # the reader drops what the client still sends
-                await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
-            await self._fail(err)
-        except (asyncio.CancelledError, ConnectionError):
-            code = session.error.code if session.error is not None else ErrorCode.CANCELLED
-            raise
-        except Exception:
-            code = ErrorCode.INTERNAL
-            logger.exception("session %s failed", session.id)
-            await self._fail(SessionError(ErrorCode.INTERNAL, "internal error"))
+            if code in (ErrorCode.OK, ErrorCode.CANCELLED):
+                reason = b"cancelled" if code is ErrorCode.CANCELLED else b"done"
+                await self.ws.close(code=CloseCode.NORMAL, message=reason)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            await session.close()
-        return code
 
-    async def _send_event(self, event) -> None:
+    # ---- the session's outcome (a SessionSink) --------------------------------------------
+    async def send(self, event: Event) -> None:
         if isinstance(event, AudioOut):
             data = event.audio.data or b"".join(event.audio.packets)
             await self._send(_audio_header(event, len(data)), data)
@@ -258,7 +237,6 @@ class StreamConnection:
                 self._segments_finished = event.segment_index + 1
                 await self._ack_flushes()
         elif isinstance(event, Summary):
-            self.admission.observe(event)
             summary = asdict(event)
             summary["encoding"] = event.encoding.value
             await self._send({"type": ServerMessage.SUMMARY.value, **summary})
