@@ -249,6 +249,30 @@ def _expect_error(code, message_part):
     return check
 
 
+async def test_calls_carry_their_request_id_and_errors_their_field(stub, server, caplog):
+    """x-request-id in every call's initial metadata, the same id in the summary and in the
+    server's log line of the call; an error about one field names it in trailing metadata."""
+    caplog.set_level("INFO", logger="miotts_stream.service.admission")
+    call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Who am I?"))
+    summary = (await collect(call))["summary"]
+    request_id = dict(await call.initial_metadata())["x-request-id"]
+    assert summary.request_id == request_id and len(request_id) == 16
+    assert f"request {request_id} Synthesize: OK" in caplog.text
+
+    bad = tts_pb2.SynthesisConfig(generation=tts_pb2.GenerationOptions(top_p=7))
+    call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=bad, text="Hi."))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(call)
+    assert dict(caught.value.trailing_metadata())["miotts-error-field"] == "generation.top_p"
+    bad_id = dict(await call.initial_metadata())["x-request-id"]
+    assert f"request {bad_id} Synthesize: INVALID_ARGUMENT: generation.top_p" in caplog.text
+    voices_call = stub.ListVoices(tts_pb2.ListVoicesRequest())
+    voices = await voices_call
+    assert dict(await voices_call.initial_metadata())["x-request-id"]
+    assert {v.name for v in voices.voices if v.kind == tts_pb2.VOICE_KIND_ALIAS} >= {"alloy"}
+    await released(server)
+
+
 async def test_empty_synthesize_text(stub):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="  ")))

@@ -146,6 +146,7 @@ class Summary:
     sample_rate_hz: int
     encoding: Encoding
     random_weights: bool
+    request_id: str  # the session's id: the request's x-request-id, as logged
 
 
 Event = AudioOut | SegmentStarted | SegmentFinished | Summary
@@ -220,14 +221,18 @@ class SpeechEngine:
                     logger.info("session %s: %s", session.id, error)
                     session.fail(error)
 
-    def open_session(self, config: SessionConfig) -> SynthesisSession:
+    def open_session(
+        self, config: SessionConfig, session_id: str | None = None
+    ) -> SynthesisSession:
+        """A new session (its id: `session_id`, the transport's request id, or a fresh one);
+        RESOURCE_EXHAUSTED beyond `max_streams`."""
         if len(self.sessions) >= self.max_streams:
             raise SessionError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"server busy: {len(self.sessions)} streams open, the most this server takes "
                 f"at once is {self.max_streams}; retry later",
             )
-        session = SynthesisSession(self, config)
+        session = SynthesisSession(self, config, session_id)
         self.sessions.add(session)
         return session
 
@@ -235,10 +240,10 @@ class SpeechEngine:
 class SynthesisSession:
     """One synthesis: feed text, read events. Always `close()` it (idempotent)."""
 
-    def __init__(self, engine: SpeechEngine, config: SessionConfig):
+    def __init__(self, engine: SpeechEngine, config: SessionConfig, session_id: str | None = None):
         self.engine = engine
         self.config = config
-        self.id = uuid.uuid4().hex[:12]
+        self.id = session_id or uuid.uuid4().hex[:16]
         self.codec_rate = engine.decoder.sample_rate
         self.encoder = make_encoder(config.encoding, self.codec_rate, config.sample_rate_hz)
         self.segmenter = TextSegmenter(SegmenterOptions())
@@ -558,13 +563,19 @@ class SynthesisSession:
                 raise
             return
 
+    def time_to_first_audio_ms(self) -> float:
+        """From the request that completed the first segment to its first audio (0 before
+        any audio)."""
+        if self.first_audio_at is None:
+            return 0.0
+        first = self._segment_list[0].ready_at if self._segment_list else self.started_at
+        return (self.first_audio_at - first) * 1000
+
     def _summary(self) -> Summary:
         elapsed = time.perf_counter() - self.started_at
         audio_seconds = self.encoder.samples_out / self.encoder.out_rate
-        first = self._segment_list[0].ready_at if self._segment_list else self.started_at
-        ttfa = ((self.first_audio_at - first) * 1000) if self.first_audio_at else 0.0
         return Summary(
-            time_to_first_audio_ms=ttfa,
+            time_to_first_audio_ms=self.time_to_first_audio_ms(),
             audio_seconds=audio_seconds,
             generated_tokens=self.generated_tokens,
             dropped_tokens=self.dropped_tokens,
@@ -572,6 +583,7 @@ class SynthesisSession:
             sample_rate_hz=self.encoder.out_rate,
             encoding=self.config.encoding,
             random_weights=self.engine.random_weights,
+            request_id=self.id,
         )
 
     # ---- cleanup -------------------------------------------------------------------------

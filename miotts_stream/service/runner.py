@@ -20,7 +20,7 @@ from typing import Protocol
 
 from .access import ApiKey
 from .admission import Admission, stop_blocked_writer
-from .engine import ErrorCode, Event, SessionError, Summary, SynthesisSession
+from .engine import AudioOut, ErrorCode, Event, SessionError, Summary, SynthesisSession
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,17 @@ async def run_session(
     cleanup.
     """
     code = ErrorCode.OK
+    out_rate = session.encoder.out_rate
+    sent_samples = 0
     stop_blocked_writer(session, asyncio.current_task())
     try:
         async with contextlib.aclosing(session.events()) as events:
             async for event in events:
                 await sink.send(event)
-                if isinstance(event, Summary):
+                if isinstance(event, AudioOut):
+                    sent_samples += event.audio.num_samples
+                    admission.sent_audio(event.audio.num_samples / out_rate)
+                elif isinstance(event, Summary):
                     admission.observe(event)
         if session.cancelled:
             code = ErrorCode.CANCELLED
@@ -86,5 +91,8 @@ async def run_session(
     finally:
         await session.close()
         admission.release(key)
-        admission.count(method, code, key)
+        detail = f", {sent_samples / out_rate:.2f} s of audio sent"
+        if session.first_audio_at is not None:
+            detail += f", first audio {session.time_to_first_audio_ms():.0f} ms"
+        admission.record(method, code, key, session.id, detail)
     return code

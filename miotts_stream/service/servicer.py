@@ -16,7 +16,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from .access import ApiKey
-from .admission import PROTO_ENCODINGS, Admission, invalid, voice_error
+from .admission import PROTO_ENCODINGS, Admission, invalid, new_request_id, voice_error
 from .engine import (
     AudioOut,
     ErrorCode,
@@ -182,7 +182,26 @@ class GrpcSink:
         await self.context.write(TextToSpeechServicer.to_proto(event))
 
     async def fail(self, error: SessionError) -> None:
-        await self.context.abort(GRPC_STATUS[error.code], str(error))
+        await abort(self.context, error)
+
+
+# The trailing metadata key that names the field an error is about (when it is one field's),
+# beside the status message that names it in words: as the OpenAI error's `param` over HTTP.
+ERROR_FIELD_METADATA = "miotts-error-field"
+REQUEST_ID_METADATA = "x-request-id"
+
+
+async def abort(context: grpc.aio.ServicerContext, error: SessionError) -> None:
+    """End the call with the error's status and message, and its field as trailing metadata."""
+    trailing = ((ERROR_FIELD_METADATA, error.field),) if error.field else ()
+    await context.abort(GRPC_STATUS[error.code], str(error), trailing_metadata=trailing)
+
+
+async def start_call(context: grpc.aio.ServicerContext) -> str:
+    """A new request id, sent to the client at once as the call's initial metadata."""
+    request_id = new_request_id()
+    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+    return request_id
 
 
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
@@ -231,6 +250,7 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 sample_rate_hz=event.sample_rate_hz,
                 encoding=_ENCODING_TO_PROTO[event.encoding],
                 random_weights=event.random_weights,
+                request_id=event.request_id,
             )
         )
 
@@ -243,14 +263,17 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 break
         return self.admission.authenticate(authorization)
 
-    async def _abort(self, context, method: str, err: SessionError, key: ApiKey | None = None):
-        self.admission.count(method, err.code, key)
-        await context.abort(GRPC_STATUS[err.code], str(err))
+    async def _abort(
+        self, context, method: str, request_id: str, err: SessionError, key: ApiKey | None = None
+    ):
+        self.admission.record(method, err.code, key, request_id, f": {err}")
+        await abort(context, err)
 
     # ---- RPCs ----------------------------------------------------------------------------
     async def StreamingSynthesize(self, request_iterator, context):
         method = "StreamingSynthesize"
         key = None
+        request_id = await start_call(context)
         requests = request_iterator.__aiter__()
         try:
             key = self._authenticate(context)
@@ -268,10 +291,10 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     "config",
                     f"the first message must be a config, got {kind or 'an empty message'}",
                 )
-            session = await self.admission.open(first.config, key)
+            session = await self.admission.open(first.config, key, request_id)
         except SessionError as err:
             await _drain(requests)
-            await self._abort(context, method, err, key)
+            await self._abort(context, method, request_id, err, key)
         reader = asyncio.get_running_loop().create_task(self._read(requests, session))
         try:
             await run_session(
@@ -321,13 +344,14 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     async def Synthesize(self, request, context):
         method = "Synthesize"
         key = None
+        request_id = await start_call(context)
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
                 raise request.error()
-            session = await self.admission.open(request.config, key)
+            session = await self.admission.open(request.config, key, request_id)
         except SessionError as err:
-            await self._abort(context, method, err, key)
+            await self._abort(context, method, request_id, err, key)
         try:
             if not request.text.strip():
                 raise invalid("text", "no text to synthesize")
@@ -340,19 +364,20 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     # ---- voices ----------------------------------------------------------------------------
     async def _voice_rpc(self, method: str, request, context, call):
         """Run one voice RPC, mapping each failure to its status and counting the outcome."""
-        code, message, key = ErrorCode.OK, "", None
+        error, key = None, None
+        request_id = await start_call(context)
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
-                code, message = ErrorCode.INVALID_ARGUMENT, str(request.error())
+                error = request.error()
             else:
                 return await call()
         except Exception as err:
             error = voice_error(method, err)
-            code, message = error.code, str(error)
         finally:
-            self.admission.count(method, code, key)
-        await context.abort(GRPC_STATUS[code], message)
+            code = error.code if error is not None else ErrorCode.OK
+            self.admission.record(method, code, key, request_id, f": {error}" if error else "")
+        await abort(context, error)
 
     async def CreateVoice(self, request, context):
         async def create():
@@ -377,10 +402,11 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
 
     async def ListVoices(self, request, context):
         key = None
+        request_id = await start_call(context)
         try:
             key = self._authenticate(context)
             voices = await self.admission.list_voices()
         except SessionError as err:  # UNAUTHENTICATED, or the voice store down (UNAVAILABLE)
-            await self._abort(context, "ListVoices", err, key)
-        self.admission.count("ListVoices", ErrorCode.OK, key)
+            await self._abort(context, "ListVoices", request_id, err, key)
+        self.admission.record("ListVoices", ErrorCode.OK, key, request_id)
         return voices

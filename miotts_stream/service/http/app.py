@@ -34,6 +34,7 @@ from miotts_stream.service.options import HttpConnectionOptions
 
 from .connections import ConnectionGuard, GuardedSite
 from .errors import error_response
+from .request_ids import request_id_of, request_ids, send_request_id
 from .speech import handle_speech
 from .websocket import handle_stream
 
@@ -110,9 +111,14 @@ class HttpTransport:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self.guard.middleware(), json_errors(self.options.max_request_bytes)],
+            middlewares=[
+                request_ids,
+                self.guard.middleware(),
+                json_errors(self.options.max_request_bytes),
+            ],
             client_max_size=self.options.max_request_bytes,
         )
+        app.on_response_prepare.append(send_request_id)
         stream = partial(
             handle_stream,
             admission=self.admission,
@@ -170,12 +176,13 @@ class HttpTransport:
         return self.admission.authenticate(request.headers.get("Authorization"))
 
     async def models(self, request: web.Request) -> web.Response:
+        method = "GET /v1/models"
         try:
             key = self._authenticate(request)
         except SessionError as err:
-            self.admission.count("GET /v1/models", err.code, None)
+            self.admission.record(method, err.code, None, request_id_of(request), f": {err}")
             return error_response(err)
-        self.admission.count("GET /v1/models", ErrorCode.OK, key)
+        self.admission.record(method, ErrorCode.OK, key, request_id_of(request))
         engine = self.admission.engine
         model = {
             "id": engine.model_name,
@@ -190,7 +197,7 @@ class HttpTransport:
 
     async def _voice_call(self, method: str, request: web.Request, call, status: int = 200):
         """Authenticate, run `call`, map failures through the shared table, count."""
-        code, key = ErrorCode.OK, None
+        code, key, detail = ErrorCode.OK, None, ""
         try:
             key = self._authenticate(request)
             return web.json_response(await call(), status=status)
@@ -199,10 +206,10 @@ class HttpTransport:
             raise
         except Exception as err:
             error = voice_error(method, err)
-            code = error.code
+            code, detail = error.code, f": {error}"
             return error_response(error)
         finally:
-            self.admission.count(method, code, key)
+            self.admission.record(method, code, key, request_id_of(request), detail)
 
     async def list_voices(self, request: web.Request) -> web.Response:
         async def call():

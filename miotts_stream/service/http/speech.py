@@ -42,6 +42,7 @@ from miotts_stream.service.runner import run_session
 
 from .errors import error_object, error_response
 from .json_input import check_strings, parse_json
+from .request_ids import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -301,15 +302,17 @@ class SpeechResponse:
             return
         if self.speech.stream_format is StreamFormat.SSE:
             with contextlib.suppress(ConnectionError):
-                event = {"type": "error", **error_object(error)}
-                await self.response.write(_sse(event))
-                await self.response.write_eof()
-        elif self.request.transport is not None:
-            self.request.transport.close()  # no terminating chunk: the client sees a cut body
+                await self.response.write(_sse({"type": "error", **error_object(error)}))
+        # Both formats end without the body's terminating chunk, so the client's HTTP library
+        # reports a cut body: an SSE client that ignores `error` events (LiveKit's OpenAI TTS
+        # does) cannot take the audio so far for the whole of it either.
+        if self.request.transport is not None:
+            self.request.transport.close()
 
 
 async def handle_speech(request: web.Request, admission: Admission) -> web.StreamResponse:
     key = None
+    request_id = request_id_of(request)
     try:
         key = admission.authenticate(request.headers.get("Authorization"))
         body = parse_json(await request.read(), "request body")
@@ -324,10 +327,10 @@ async def handle_speech(request: web.Request, admission: Admission) -> web.Strea
                 "cut off shows); use HTTP/1.1, or stream_format sse",
                 "stream_format",
             )
-            admission.count(METHOD, err.code, key)
+            admission.record(METHOD, err.code, key, request_id, f": {err}")
             return error_response(err, HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
         try:
-            session = await admission.open(speech.config, key)
+            session = await admission.open(speech.config, key, request_id)
         except SessionError as err:
             if err.code is ErrorCode.NOT_FOUND and speech.config.voice.voice_id:
                 known = ", ".join(engine.voices.names())
@@ -339,7 +342,7 @@ async def handle_speech(request: web.Request, admission: Admission) -> web.Strea
                 ) from None
             raise
     except SessionError as err:
-        admission.count(METHOD, err.code, key)
+        admission.record(METHOD, err.code, key, request_id, f": {err}")
         return error_response(err)
     try:
         session.push_text(speech.text)

@@ -39,6 +39,7 @@ from miotts_stream.service.runner import run_session
 
 from .errors import HTTP_ERRORS, CloseCode, error_response
 from .json_input import parse_json
+from .request_ids import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +148,13 @@ def _audio_header(event: AudioOut, size: int) -> dict[str, Any]:
 class StreamConnection:
     """One WebSocket, one session: a reader task feeds the session, this task sends events."""
 
-    def __init__(self, ws: web.WebSocketResponse, admission: Admission, key: ApiKey | None):
+    def __init__(
+        self, ws: web.WebSocketResponse, admission: Admission, key: ApiKey | None, request_id: str
+    ):
         self.ws = ws
         self.admission = admission
         self.key = key
+        self.request_id = request_id
         self._send_lock = asyncio.Lock()
         self._flushes: deque[tuple[int, Any]] = deque()  # (segments needed, client's id)
         self._segments_finished = 0
@@ -186,12 +190,12 @@ class StreamConnection:
             kind, fields = parse_message(first)
             if kind is not ClientMessage.CONFIG:
                 raise invalid("config", f"the first message must be a config, got {kind.value}")
-            session = await self.admission.open(parse_config(fields), self.key)
+            session = await self.admission.open(parse_config(fields), self.key, self.request_id)
         except _ClientGone:
-            self.admission.count(METHOD, ErrorCode.CANCELLED, self.key)
+            self.admission.record(METHOD, ErrorCode.CANCELLED, self.key, self.request_id)
             return
         except SessionError as err:
-            self.admission.count(METHOD, err.code, self.key)
+            self.admission.record(METHOD, err.code, self.key, self.request_id, f": {err}")
             await self.fail(err)
             return
         await self._stream(session)
@@ -289,10 +293,11 @@ class StreamConnection:
 async def handle_stream(
     request: web.Request, admission: Admission, *, heartbeat_s: float, max_message_bytes: int
 ) -> web.StreamResponse:
+    request_id = request_id_of(request)
     try:
         key = admission.authenticate(authorization_of(request))
     except SessionError as err:  # refused before the upgrade, as an HTTP error
-        admission.count(METHOD, err.code, None)
+        admission.record(METHOD, err.code, None, request_id, f": {err}")
         return error_response(err)
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
@@ -301,5 +306,5 @@ async def handle_stream(
         compress=False,  # audio does not compress; deflate would only cost CPU
     )
     await ws.prepare(without_key_protocols(request))
-    await StreamConnection(ws, admission, key).run(admission.engine.limits.idle_s)
+    await StreamConnection(ws, admission, key, request_id).run(admission.engine.limits.idle_s)
     return ws

@@ -25,6 +25,7 @@ class VoiceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VOICE_KIND_UNSPECIFIED: _ClassVar[VoiceKind]
     VOICE_KIND_PRESET: _ClassVar[VoiceKind]
     VOICE_KIND_STORED: _ClassVar[VoiceKind]
+    VOICE_KIND_ALIAS: _ClassVar[VoiceKind]
 ENCODING_UNSPECIFIED: Encoding
 PCM_S16LE: Encoding
 PCM_F32LE: Encoding
@@ -35,6 +36,7 @@ ALAW: Encoding
 VOICE_KIND_UNSPECIFIED: VoiceKind
 VOICE_KIND_PRESET: VoiceKind
 VOICE_KIND_STORED: VoiceKind
+VOICE_KIND_ALIAS: VoiceKind
 
 class StreamingSynthesizeRequest(_message.Message):
     __slots__ = ("config", "text", "flush", "end_of_input", "cancel")
@@ -185,7 +187,7 @@ class SegmentEvent(_message.Message):
     def __init__(self, segment_index: _Optional[int] = ..., text: _Optional[str] = ..., kind: _Optional[_Union[SegmentEvent.Kind, str]] = ..., audio_start_sample: _Optional[int] = ..., audio_end_sample: _Optional[int] = ...) -> None: ...
 
 class SynthesisSummary(_message.Message):
-    __slots__ = ("time_to_first_audio_ms", "audio_seconds", "generated_tokens", "dropped_tokens", "real_time_factor", "sample_rate_hz", "encoding", "random_weights")
+    __slots__ = ("time_to_first_audio_ms", "audio_seconds", "generated_tokens", "dropped_tokens", "real_time_factor", "sample_rate_hz", "encoding", "random_weights", "request_id")
     TIME_TO_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class SynthesisSummary(_message.Message):
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     time_to_first_audio_ms: float
     audio_seconds: float
     generated_tokens: int
@@ -202,14 +205,15 @@ class SynthesisSummary(_message.Message):
     sample_rate_hz: int
     encoding: Encoding
     random_weights: bool
-    def __init__(self, time_to_first_audio_ms: _Optional[float] = ..., audio_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., dropped_tokens: _Optional[int] = ..., real_time_factor: _Optional[float] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., random_weights: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, time_to_first_audio_ms: _Optional[float] = ..., audio_seconds: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., dropped_tokens: _Optional[int] = ..., real_time_factor: _Optional[float] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., random_weights: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListVoicesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class VoiceInfo(_message.Message):
-    __slots__ = ("name", "notice", "kind", "display_name", "language", "duration_seconds", "created_at")
+    __slots__ = ("name", "notice", "kind", "display_name", "language", "duration_seconds", "created_at", "alias_of")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +221,7 @@ class VoiceInfo(_message.Message):
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_OF_FIELD_NUMBER: _ClassVar[int]
     name: str
     notice: str
     kind: VoiceKind
@@ -224,7 +229,8 @@ class VoiceInfo(_message.Message):
     language: str
     duration_seconds: float
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., notice: _Optional[str] = ..., kind: _Optional[_Union[VoiceKind, str]] = ..., display_name: _Optional[str] = ..., language: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    alias_of: str
+    def __init__(self, name: _Optional[str] = ..., notice: _Optional[str] = ..., kind: _Optional[_Union[VoiceKind, str]] = ..., display_name: _Optional[str] = ..., language: _Optional[str] = ..., duration_seconds: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., alias_of: _Optional[str] = ...) -> None: ...
 
 class CreateVoiceRequest(_message.Message):
     __slots__ = ("voice_id", "display_name", "language", "audio")
