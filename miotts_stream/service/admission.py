@@ -129,8 +129,11 @@ class Admission:
         voices: VoiceRegistry | None = None,
         access: AccessPolicy | None = None,
         aliases: VoiceAliases | None = None,
+        conversation_idle_s: float = 300.0,
     ):
         self.engine = engine
+        # A conversation with no context open and no message for this long is closed.
+        self.conversation_idle_s = conversation_idle_s
         self.metrics = metrics
         self.default_voice = default_voice
         self.voices = voices  # stored voices and cloning; None: presets and embeddings only
@@ -245,7 +248,13 @@ class Admission:
         if language not in LANGUAGES:
             raise invalid("language", f"{language!r} is not one of {', '.join(LANGUAGES)}")
         return SessionConfig(
-            voice, encoding, config.audio.sample_rate_hz, sampling, streaming, language
+            voice,
+            encoding,
+            config.audio.sample_rate_hz,
+            sampling,
+            streaming,
+            language,
+            word_timestamps=config.word_timestamps,
         )
 
     def _without_alias(self, config: tts_pb2.SynthesisConfig) -> tts_pb2.SynthesisConfig:

@@ -266,6 +266,11 @@ class LimitOptions:
         "audio sent, or only a config)",
     )
     max_stream_s: float = option(600.0, "longest a stream may stay open, generation included")
+    conversation_idle_timeout_s: float = option(
+        300.0,
+        "close a conversation (/v1/conversation, Converse) that has no utterance open and sends "
+        "nothing for this long; each utterance has the stream limits",
+    )
     stall_timeout_s: float = option(
         30.0, "cancel a stream whose client has read nothing for this long"
     )

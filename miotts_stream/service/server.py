@@ -243,6 +243,7 @@ class MioTTSServer:
             self.voices,
             self.access,
             VoiceAliases.build(voices.voice_aliases, engine.voices),
+            conversation_idle_s=options.limits.conversation_idle_timeout_s,
         )
         self.servicer = TextToSpeechServicer(self.admission)
         self._drain_cut = asyncio.Event()  # a second signal: stop waiting for open streams

@@ -15,8 +15,19 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
+from miotts_stream.audio.encoders import output_rate
+
 from .access import ApiKey
 from .admission import PROTO_ENCODINGS, Admission, invalid, new_request_id, voice_error
+from .conversation import (
+    ContextCancelled,
+    ContextFailed,
+    ContextFlushed,
+    Conversation,
+    ConversationEnd,
+    ConversationEvent,
+    run_conversation,
+)
 from .engine import (
     AudioOut,
     ErrorCode,
@@ -26,6 +37,7 @@ from .engine import (
     SessionError,
     Summary,
     SynthesisSession,
+    WordsOut,
 )
 from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from .runner import ERROR_DRAIN_S, run_session
@@ -171,6 +183,44 @@ def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> No
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def words_proto(event: WordsOut) -> tts_pb2.WordTimings:
+    return tts_pb2.WordTimings(
+        segment_index=event.segment_index,
+        estimated=True,
+        words=[
+            tts_pb2.WordTiming(word=w.text, start_sample=w.start_sample, end_sample=w.end_sample)
+            for w in event.words
+        ],
+    )
+
+
+def context_error(error: SessionError) -> tts_pb2.ContextError:
+    return tts_pb2.ContextError(
+        code=GRPC_STATUS[error.code].value[0], message=str(error), field=error.field or ""
+    )
+
+
+class GrpcConversationSink:
+    """A conversation's events over gRPC: one ConverseResponse each, tagged with its context."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    async def send(self, context_id: str, event: ConversationEvent) -> None:
+        response = tts_pb2.ConverseResponse(context_id=context_id)
+        if isinstance(event, ContextFlushed):
+            response.flushed.id = "" if event.flush_id is None else str(event.flush_id)
+        elif isinstance(event, ContextCancelled):
+            response.cancelled.SetInParent()
+        elif isinstance(event, ContextFailed):
+            response.error.CopyFrom(context_error(event.error))
+        else:
+            one = TextToSpeechServicer.to_proto(event)
+            kind = one.WhichOneof("response")
+            getattr(response, "done" if kind == "summary" else kind).CopyFrom(getattr(one, kind))
+        await self.context.write(response)
+
+
 class GrpcSink:
     """A session's outcome over gRPC: each event one response message, a failure the call's
     status (the handler ends there)."""
@@ -239,6 +289,8 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     audio_end_sample=event.audio_end_sample if finished else 0,
                 )
             )
+        if isinstance(event, WordsOut):
+            return tts_pb2.StreamingSynthesizeResponse(words=words_proto(event))
         assert isinstance(event, Summary)
         return tts_pb2.StreamingSynthesizeResponse(
             summary=tts_pb2.SynthesisSummary(
@@ -360,6 +412,105 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         except SessionError as err:
             session.fail(err)
         await run_session(self.admission, session, GrpcSink(context), method=method, key=key)
+
+    async def Converse(self, request_iterator, context):
+        method = "Converse"
+        key, conversation = None, None
+        code, detail = ErrorCode.OK, ""
+        request_id = await start_call(context)
+        requests = request_iterator.__aiter__()
+        try:
+            key = self._authenticate(context)
+            try:
+                first = await requests.__anext__()
+            except StopAsyncIteration:
+                raise invalid(
+                    "config", "the stream ended before its first message (a config)"
+                ) from None
+            if isinstance(first, Undecodable):
+                raise first.error()
+            kind = first.WhichOneof("request")
+            if kind != "config":
+                raise invalid(
+                    "config",
+                    f"the first message must be a config, got {kind or 'an empty message'}",
+                )
+            conversation = await Conversation.start(
+                self.admission,
+                first.config,
+                GrpcConversationSink(context),
+                method=method,
+                key=key,
+                request_id=request_id,
+            )
+            settings = self.admission.session_config(conversation.config)
+            await context.write(
+                tts_pb2.ConverseResponse(
+                    ready=tts_pb2.ConversationReady(
+                        conversation_id=request_id,
+                        encoding=_ENCODING_TO_PROTO[settings.encoding],
+                        sample_rate_hz=output_rate(
+                            settings.encoding,
+                            settings.sample_rate_hz,
+                            self.engine.decoder.sample_rate,
+                        ),
+                        word_timestamps=settings.word_timestamps,
+                        random_weights=self.engine.random_weights,
+                    )
+                )
+            )
+            end = await run_conversation(
+                conversation,
+                self._converse_read(requests, conversation),
+                self.admission.conversation_idle_s,
+            )
+            if isinstance(end, SessionError):
+                raise end
+            if end is ConversationEnd.GONE:
+                code = ErrorCode.CANCELLED
+        except SessionError as err:
+            code, detail = err.code, f": {err}"
+            await _drain(requests)
+            await abort(context, err)
+        except asyncio.CancelledError:
+            code = ErrorCode.CANCELLED
+            raise
+        finally:
+            if conversation is not None:
+                detail += f" ({conversation.contexts_opened} contexts)"
+            self.admission.record(method, code, key, request_id, detail)
+
+    @staticmethod
+    async def _converse_read(requests, conversation: Conversation) -> None:
+        """Feed the client's messages into the conversation. A half-close is a close (the
+        contexts open finish); SessionError for a message that ends the conversation."""
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            kind = request.WhichOneof("request")
+            if kind == "config":
+                raise invalid("config", "sent twice; only the first message may be a config")
+            if kind is None:
+                raise invalid("request", "empty message (set one of the request fields)")
+            if request.HasField("context_config") and kind != "text":
+                raise invalid("context_config", "only with a context's first text")
+            if kind == "close":
+                conversation.close()
+                continue
+            context_id = request.context_id
+            if not context_id or len(context_id) > 256:
+                raise invalid("context_id", "required: a string of 1 to 256 characters")
+            if kind == "text":
+                override = request.context_config if request.HasField("context_config") else None
+                await conversation.text(context_id, request.text, override)
+            elif kind == "flush":
+                await conversation.flush(context_id, request.flush.id)
+            elif kind == "end_of_input":
+                await conversation.end(context_id)
+            else:
+                await conversation.cancel(context_id)
+        conversation.close()
+        await asyncio.Event().wait()  # until the player is done: the call ends then
 
     # ---- voices ----------------------------------------------------------------------------
     async def _voice_rpc(self, method: str, request, context, call):

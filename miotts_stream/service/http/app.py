@@ -10,6 +10,7 @@ Routes:
     GET    /v1/voices/{voice_id}  one voice
     DELETE /v1/voices/{voice_id}  delete a stored voice
     GET    /v1/stream             the bidirectional WebSocket stream (websocket.py)
+    GET    /v1/conversation       one WebSocket, many utterances (conversation.py)
     GET    /health                200 SERVING or 503 NOT_SERVING, as gRPC health (no key)
 """
 
@@ -33,6 +34,7 @@ from miotts_stream.service.engine import ErrorCode, SessionError
 from miotts_stream.service.options import HttpConnectionOptions
 
 from .connections import ConnectionGuard, GuardedSite
+from .conversation import handle_conversation
 from .errors import error_response
 from .request_ids import request_id_of, request_ids, send_request_id
 from .speech import handle_speech
@@ -125,6 +127,12 @@ class HttpTransport:
             heartbeat_s=self.options.heartbeat_s,
             max_message_bytes=self.options.max_request_bytes,
         )
+        conversation = partial(
+            handle_conversation,
+            admission=self.admission,
+            heartbeat_s=self.options.heartbeat_s,
+            max_message_bytes=self.options.max_request_bytes,
+        )
         app.add_routes(
             [
                 web.get("/", self.index),
@@ -136,6 +144,7 @@ class HttpTransport:
                 web.get("/v1/voices/{voice_id}", self.get_voice),
                 web.delete("/v1/voices/{voice_id}", self.delete_voice),
                 web.get("/v1/stream", stream),
+                web.get("/v1/conversation", conversation),
                 web.get("/health", self.health),
             ]
         )

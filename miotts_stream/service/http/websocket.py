@@ -33,6 +33,7 @@ from miotts_stream.service.engine import (
     SessionError,
     Summary,
     SynthesisSession,
+    WordsOut,
 )
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
 from miotts_stream.service.runner import run_session
@@ -62,12 +63,13 @@ class ServerMessage(enum.Enum):
     READY = "ready"
     AUDIO = "audio"
     SEGMENT = "segment"
+    WORDS = "words"
     FLUSHED = "flushed"
     SUMMARY = "summary"
     ERROR = "error"
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client closed the connection (or it broke)."""
 
 
@@ -99,10 +101,11 @@ def without_key_protocols(request: web.Request) -> web.Request:
     return request.clone(headers=headers)
 
 
-def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
-    """A client frame as (kind, fields); SessionError naming what is wrong; _ClientGone."""
+def parse_message(message, kinds: type[enum.Enum] = ClientMessage) -> tuple[Any, dict[str, Any]]:
+    """A client frame as (kind, one of `kinds`; fields); SessionError naming what is wrong;
+    ClientGone when the socket closed."""
     if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-        raise _ClientGone
+        raise ClientGone
     if message.type == WSMsgType.BINARY:
         raise SessionError(
             ErrorCode.INVALID_ARGUMENT,
@@ -114,24 +117,54 @@ def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
             ErrorCode.INVALID_ARGUMENT, "message: must be a JSON object with a 'type'"
         )
     kind = fields.pop("type", None)
+    allowed = ", ".join(m.value for m in kinds)
     if kind is None:
-        raise invalid("type", "missing (config, text, flush, cancel or end)")
+        raise invalid("type", f"missing ({allowed})")
     try:
-        return ClientMessage(kind), fields
+        return kinds(kind), fields
     except ValueError:
-        allowed = ", ".join(m.value for m in ClientMessage)
         raise invalid("type", f"unknown message type {kind!r} (one of {allowed})") from None
 
 
-def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
+def parse_config(fields: dict[str, Any], name: str = "config") -> tts_pb2.SynthesisConfig:
+    """A `SynthesisConfig` from its JSON fields; INVALID_ARGUMENT naming `name` otherwise."""
     try:
         return json_format.ParseDict(fields, tts_pb2.SynthesisConfig())
     except json_format.ParseError as err:
         first_line = str(err).splitlines()[0]
-        raise invalid("config", first_line) from None
+        raise invalid(name, first_line) from None
 
 
-def _audio_header(event: AudioOut, size: int) -> dict[str, Any]:
+def words_message(event: WordsOut) -> dict[str, Any]:
+    """Word timings: estimates (MioTTS has no aligner; docs/http.md says how they are made),
+    sent before the audio in which each word starts."""
+    return {
+        "type": ServerMessage.WORDS.value,
+        "segment_index": event.segment_index,
+        "estimated": True,
+        "words": [
+            {"word": w.text, "start_sample": w.start_sample, "end_sample": w.end_sample}
+            for w in event.words
+        ],
+    }
+
+
+def segment_message(event: SegmentStarted | SegmentFinished) -> dict[str, Any]:
+    finished = isinstance(event, SegmentFinished)
+    return {
+        "type": ServerMessage.SEGMENT.value,
+        "kind": "finished" if finished else "started",
+        **asdict(event),
+    }
+
+
+def summary_message(event: Summary, kind: str = "summary") -> dict[str, Any]:
+    summary = asdict(event)
+    summary["encoding"] = event.encoding.value
+    return {"type": kind, **summary}
+
+
+def audio_header(event: AudioOut, size: int) -> dict[str, Any]:
     header = {
         "type": ServerMessage.AUDIO.value,
         "sequence": event.sequence,
@@ -191,7 +224,7 @@ class StreamConnection:
             if kind is not ClientMessage.CONFIG:
                 raise invalid("config", f"the first message must be a config, got {kind.value}")
             session = await self.admission.open(parse_config(fields), self.key, self.request_id)
-        except _ClientGone:
+        except ClientGone:
             self.admission.record(METHOD, ErrorCode.CANCELLED, self.key, self.request_id)
             return
         except SessionError as err:
@@ -228,22 +261,16 @@ class StreamConnection:
     async def send(self, event: Event) -> None:
         if isinstance(event, AudioOut):
             data = event.audio.data or b"".join(event.audio.packets)
-            await self._send(_audio_header(event, len(data)), data)
+            await self._send(audio_header(event, len(data)), data)
         elif isinstance(event, SegmentStarted | SegmentFinished):
-            finished = isinstance(event, SegmentFinished)
-            message = {
-                "type": ServerMessage.SEGMENT.value,
-                "kind": "finished" if finished else "started",
-                **asdict(event),
-            }
-            await self._send(message)
-            if finished:
+            await self._send(segment_message(event))
+            if isinstance(event, SegmentFinished):
                 self._segments_finished = event.segment_index + 1
                 await self._ack_flushes()
+        elif isinstance(event, WordsOut):
+            await self._send(words_message(event))
         elif isinstance(event, Summary):
-            summary = asdict(event)
-            summary["encoding"] = event.encoding.value
-            await self._send({"type": ServerMessage.SUMMARY.value, **summary})
+            await self._send(summary_message(event))
 
     async def _ack_flushes(self) -> None:
         done = []
@@ -259,7 +286,7 @@ class StreamConnection:
             while True:
                 try:
                     kind, fields = parse_message(await self.ws.receive())
-                except _ClientGone:
+                except ClientGone:
                     break
                 if kind is ClientMessage.TEXT:
                     text = fields.get("text")
