@@ -257,13 +257,21 @@ class Admission:
             word_timestamps=config.word_timestamps,
         )
 
-    def _without_alias(self, config: tts_pb2.SynthesisConfig) -> tts_pb2.SynthesisConfig:
-        """The config with an alias (as a preset's name or a voice id) replaced by the voice it
-        names: a preset or a stored voice."""
+    def _by_name(self, config: tts_pb2.SynthesisConfig) -> tts_pb2.SynthesisConfig:
+        """The config with a voice named by a name that is not its kind's made plain: an alias
+        (as a preset's name or a voice id) becomes the voice it names, and a preset's name
+        given as a voice id the preset (a client that takes "a voice" as one string sends
+        it as a voice id)."""
         which = config.voice.WhichOneof("voice")
-        if which not in ("preset", "voice_id") or getattr(config.voice, which) not in self.aliases:
+        if which not in ("preset", "voice_id"):
             return config
-        target = self.aliases.target(getattr(config.voice, which))
+        name = getattr(config.voice, which)
+        if name in self.aliases:
+            target = self.aliases.target(name)
+        elif which == "voice_id" and name in self.engine.voices:
+            target = name
+        else:
+            return config
         resolved = tts_pb2.SynthesisConfig()
         resolved.CopyFrom(config)
         if target in self.engine.voices:
@@ -276,7 +284,7 @@ class Admission:
         """An alias becomes the voice it names; a stored voice or reference audio becomes its
         embedding, found or computed off the event loop; other configs pass through
         unchanged."""
-        config = self._without_alias(config)
+        config = self._by_name(config)
         which = config.voice.WhichOneof("voice")
         if which not in ("voice_id", "reference_audio"):
             return config
@@ -291,8 +299,13 @@ class Admission:
                 embedding = (await self.voices.get(config.voice.voice_id)).embedding
             else:
                 embedding = await self.voices.reference_embedding(config.voice.reference_audio)
-        except VoiceNotFound as err:
-            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}", "voice.voice_id") from None
+        except VoiceNotFound:
+            raise SessionError(
+                ErrorCode.NOT_FOUND,
+                f"voice.voice_id: {config.voice.voice_id!r} is neither a preset, an alias nor a "
+                "stored voice (ListVoices and GET /v1/voices list them)",
+                "voice.voice_id",
+            ) from None
         except EncoderUnavailable as err:
             raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
         except VoiceStoreUnavailable as err:
