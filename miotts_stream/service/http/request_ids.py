@@ -7,7 +7,7 @@ from aiohttp import web
 
 from miotts_stream.service.admission import new_request_id
 
-REQUEST_ID = "request_id"  # the request's id, in aiohttp's per-request mapping
+REQUEST_ID = web.RequestKey("request_id", str)  # the request's id, in aiohttp's mapping
 
 
 def request_id_of(request: web.Request) -> str:
