@@ -13,10 +13,10 @@ import pytest_asyncio
 from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSStoppedFrame, TTSTextFrame
 from pipecat.services.openai.tts import OpenAITTSService
 
+from miotts_stream.bench.pipecat_pipeline import ServicePipeline
 from miotts_stream.integrations.pipecat import MioTTSService
 from miotts_stream.text.words import split_words
 
-from .pipecat_pipeline import ServicePipeline
 from .servers import running_server, server_log_lines, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

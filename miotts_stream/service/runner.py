@@ -5,7 +5,8 @@ through `Admission`, feeds it the client's text, and hands it to `run_session` w
 `SessionSink`: how that transport delivers an event and how it reports a failure. Everything
 else is done here once: the session's events in order, the stop of a writer blocked on a client
 that stopped reading, the outcome's status code, the client's last messages drained before an
-error, the metrics, and the cleanup (the reader, the session, its stream slot).
+error, the metrics (audio as it is sent, one log line per session), and the cleanup (the
+session, its stream slot).
 
 A conversation (many sessions, "contexts", on one connection) runs each of its contexts through
 `run_session` in turn, with a sink that tags each event with its context.

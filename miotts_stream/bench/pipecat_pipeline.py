@@ -1,6 +1,7 @@
-"""A Pipecat pipeline around one TTS service, as the tests (and the benchmark) drive it: frames
-in at the top as an LLM would push them, every frame the service sends either way recorded
-with the time it came (no transport, no cloud service)."""
+"""A Pipecat pipeline around one TTS service, as the benchmark (bench.agents) and the tests
+drive it: frames in at the top as an LLM would push them, every frame the service sends either
+way recorded with the time it came (no transport, no cloud service). Needs the `pipecat`
+extra."""
 
 from __future__ import annotations
 
