@@ -306,6 +306,22 @@ async def test_a_bad_message_ends_the_conversation_naming_the_field(server, mess
     await released(server)
 
 
+async def test_a_bad_message_while_audio_streams_ends_it_cleanly(server):
+    """The conversation ends mid-audio: every audio header still comes with its frame, then
+    the error; the context's work stops."""
+    async with connect(server) as ws:
+        client = Conversation(ws)
+        await client.send(**config(generation={"max_tokens": 300}))
+        await client.words("a", "A long sentence that is cut by a bad message. " * 3)
+        await client.send(type="flush", context_id="a")
+        await client.until(lambda m: m["type"] == "audio")
+        await client.send(type="bogus")
+        await client.rest()  # Conversation.take checks each header's frame follows it
+    (error,) = client.errors
+    assert error["field"] == "type" and ws.close_code == 1008
+    await released(server)
+
+
 async def test_an_idle_conversation_is_closed_after_its_limit(server):
     async with connect(server) as ws:
         client = Conversation(ws)
@@ -351,7 +367,7 @@ async def test_grpc_converse_has_the_same_semantics(server):
         for word in ("One", "short", "turn,", "spoken", "first.", "Then", "more."):
             await outgoing.put(request(context_id="a", text=word + " "))
         await outgoing.put(request(context_id="a", end_of_input=tts_pb2.EndOfInput()))
-        await outgoing.put(request(context_id="b", text="A long second turn, cut. " * 4))
+        await outgoing.put(request(context_id="b", text="A long second turn, cut. " * 8))
         await outgoing.put(request(context_id="b", flush=tts_pb2.Flush(id="f")))
         bad = tts_pb2.SynthesisConfig(voice=tts_pb2.Voice(preset="nobody"))
         await outgoing.put(request(context_id="c", text="Hi.", context_config=bad))

@@ -118,7 +118,9 @@ class Caller:
 @pytest.mark.asyncio(loop_scope="function")
 async def test_a_phone_call_with_barge_in(tmp_path, unused_tcp_port, caplog):
     caplog.set_level(logging.INFO, logger="miotts_stream.service.admission")
-    options = tiny_codec_options(llm_standin_rate=100.0, data_dir=str(tmp_path), http_port=0)
+    # The stand-in at 40 codes/s (1.6x real time): the greeting (about 8 s of audio) is still
+    # being generated when the caller cuts in, a second or two into it.
+    options = tiny_codec_options(llm_standin_rate=40.0, data_dir=str(tmp_path), http_port=0)
     example = load_example()
     async with running_server(options) as miotts:
         app = example.create_app(f"http://127.0.0.1:{miotts.http_port}")

@@ -76,6 +76,7 @@ class _Context:
     segments_finished: int = 0
     playing: bool = False
     ended: bool = False  # end (or close) was received
+    cancelled: bool = False  # cancel was received: it is acknowledged, whatever came first
 
 
 class _ContextSink:
@@ -228,6 +229,7 @@ class Conversation:
         if context is None:
             await self._send(context_id, ContextCancelled())
             return
+        context.cancelled = True
         context.session.cancel()  # its generation and decoding stop now
         if not context.playing:  # the player would only find it cancelled: end it here
             del self._contexts[context_id]
@@ -276,8 +278,8 @@ class Conversation:
                 self._contexts.pop(context.id, None)
                 self._remember(context.id)
                 self.touch()  # the idle limit counts from the last context's end too
-            if code is ErrorCode.CANCELLED:
-                await self._send(context.id, ContextCancelled())
+            if code is ErrorCode.CANCELLED or context.cancelled:  # (a cancel may come just
+                await self._send(context.id, ContextCancelled())  # after its last audio)
 
     async def abort(self) -> None:
         """The connection is over: every context not played yet is closed (the one playing is

@@ -12,6 +12,7 @@ one binary frame, `flushed`, `done` (its summary), `cancelled` or `error`; an `e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
@@ -92,12 +93,23 @@ class ConversationSocket:
         self.admission = admission
         self.key = key
         self.request_id = request_id
+        self._sending: asyncio.Future | None = None  # the message going out now
 
     # ---- out ------------------------------------------------------------------------------
     async def _send(self, message: dict[str, Any], data: bytes | None = None) -> None:
-        await self.ws.send_str(json.dumps(message, separators=(",", ":")))
-        if data is not None:  # the conversation sends one event at a time: header and frame
-            await self.ws.send_bytes(data)  # stay together
+        """One message (an audio header with its frame) out whole: the conversation sends one
+        at a time, and a player cancelled half way (the conversation ended) still finishes the
+        one it started, so that no header goes without its frame (`fail` waits for it)."""
+
+        async def send() -> None:
+            await self.ws.send_str(json.dumps(message, separators=(",", ":")))
+            if data is not None:
+                await self.ws.send_bytes(data)
+
+        self._sending = asyncio.ensure_future(send())
+        # Its failure (a client gone) is its awaiter's; if the awaiter was cancelled, nobody's.
+        self._sending.add_done_callback(lambda sent: sent.cancelled() or sent.exception())
+        await asyncio.shield(self._sending)
 
     async def send(self, context_id: str, event: ConversationEvent) -> None:
         """The conversation's events (a ConversationSink)."""
@@ -128,6 +140,8 @@ class ConversationSocket:
     async def fail(self, err: SessionError) -> None:
         """The conversation ends with `err`: the error, then the close code of the table."""
         with contextlib.suppress(ConnectionError, RuntimeError):  # the client may be gone
+            if self._sending is not None:
+                await self._sending  # an audio frame half sent goes out first
             await self._send(self._error(err))
         reason = str(err).encode()[:120].decode(errors="ignore")  # a close reason: <= 123 bytes
         with contextlib.suppress(ConnectionError, RuntimeError):
