@@ -60,9 +60,12 @@ def base_url(server) -> str:
     return f"http://127.0.0.1:{server.http_port}"
 
 
-@pytest.fixture
-def client(base_url) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(base_url):
+    """OpenAI's client, closed in this module's loop (left to the garbage collector, its
+    connections would be closed in a later module's loop, which logs an error there)."""
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0) as oai:
+        yield oai
 
 
 @pytest.fixture

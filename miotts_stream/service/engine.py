@@ -3,7 +3,9 @@
 Transport-agnostic (the gRPC layer in `servicer.py` is one client of it). A `SynthesisSession`
 is one conversation turn: text goes in piece by piece, events come out in order:
 
-    SegmentStarted, AudioOut..., SegmentFinished, ..., Summary
+    SegmentStarted, (WordsOut,) AudioOut..., SegmentFinished, ..., Summary
+
+(WordsOut only with `SessionConfig.word_timestamps`: estimated word times, text/words.py.)
 
 Pipeline per session:
   push_text -> TextSegmenter -> segment queue
