@@ -35,6 +35,7 @@ from livekit.agents import (
 from livekit.agents.types import TimedString
 
 from . import protocol
+from .protocol import Receive, Send
 
 # The server's error codes (gRPC names) as HTTP statuses, so that LiveKit's retry rule (no
 # retry on a 4xx but 408, 429, 499) reads them right.
@@ -108,10 +109,10 @@ class _Conversation:
                     break
                 event = json.loads(message.data)
                 context_id = event.get("context_id")
-                if event.get("type") == "audio":
+                if event.get("type") == Receive.AUDIO:
                     header = event
                 elif context_id is None:
-                    if event.get("type") == "error":  # the conversation ends with it
+                    if event.get("type") == Receive.ERROR:  # the conversation ends with it
                         error = _status_error(protocol.ServerError(event))
                 elif context_id in self.contexts:
                     self.contexts[context_id].put_nowait(event)
@@ -239,9 +240,9 @@ class TTS(tts.TTS):
             except aiohttp.ClientError as e:
                 raise APIConnectionError(f"MioTTS at {self._url} cannot be reached: {e}") from None
             event = json.loads(first.data) if first.type == aiohttp.WSMsgType.TEXT else {}
-            if event.get("type") != "ready":
+            if event.get("type") != Receive.READY:
                 await ws.close()
-                if event.get("type") == "error":  # the config: an unknown voice, ...
+                if event.get("type") == Receive.ERROR:  # the config: an unknown voice, ...
                     raise _status_error(protocol.ServerError(event))
                 raise APIConnectionError(f"MioTTS at {self._url}: no ready message")
             self._conversation = _Conversation(ws)
@@ -277,15 +278,15 @@ class SynthesizeStream(tts.SynthesizeStream):
             async for data in self._input_ch:
                 if isinstance(data, self._FlushSentinel):
                     if opened:
-                        await conversation.send(protocol.context_message("flush", context_id))
+                        await conversation.send(protocol.context_message(Send.FLUSH, context_id))
                     continue
                 self._mark_started()
                 await conversation.send(protocol.text_message(context_id, data, voice))
                 opened, voice = True, None
             if opened:
-                await conversation.send(protocol.context_message("end", context_id))
+                await conversation.send(protocol.context_message(Send.END, context_id))
             else:  # no text at all: there is no context to end
-                events.put_nowait({"type": "done"})
+                events.put_nowait({"type": Receive.DONE})
 
         sender = asyncio.create_task(send_input(), name="miotts-input")
         try:
@@ -301,7 +302,7 @@ class SynthesizeStream(tts.SynthesizeStream):
                     output_emitter.push(event[1])
                     continue
                 kind = event.get("type")
-                if kind == "words":
+                if kind == Receive.WORDS:
                     for word in event["words"]:
                         output_emitter.push_timed_transcript(
                             TimedString(
@@ -310,14 +311,14 @@ class SynthesizeStream(tts.SynthesizeStream):
                                 end_time=word["end_sample"] / self._tts.sample_rate,
                             )
                         )
-                elif kind == "done":
+                elif kind == Receive.DONE:
                     over = True
                     output_emitter.end_input()
                     break
-                elif kind == "error":
+                elif kind == Receive.ERROR:
                     over = True
                     raise _status_error(protocol.ServerError(event), context_id)
-                elif kind == "cancelled":
+                elif kind == Receive.CANCELLED:
                     over = True
                     break
             await sender
@@ -329,4 +330,4 @@ class SynthesizeStream(tts.SynthesizeStream):
             if opened and not over and conversation.closed is None:
                 # aclose(), or a failure on our side: the server stops the context's work.
                 with contextlib.suppress(Exception):
-                    await conversation.send(protocol.context_message("cancel", context_id))
+                    await conversation.send(protocol.context_message(Send.CANCEL, context_id))

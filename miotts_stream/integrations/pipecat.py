@@ -34,6 +34,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from . import protocol
+from .protocol import Receive, Send
 
 # Conversation-level errors that another connection would only repeat: the configuration or
 # the key is wrong. Others (the server draining, an idle conversation closed) are worth a
@@ -198,7 +199,7 @@ class MioTTSService(WebsocketTTSService):
             await self._websocket.send(protocol.text_message(context_id, text, voice))
             self._opened.add(context_id)
             if not self._is_streaming_tokens:  # a whole sentence: speak it now
-                await self._websocket.send(protocol.context_message("flush", context_id))
+                await self._websocket.send(protocol.context_message(Send.FLUSH, context_id))
             await self.start_tts_usage_metrics(text)
         except Exception as e:
             yield ErrorFrame(error=f"MioTTS: sending text failed: {e}")
@@ -210,7 +211,7 @@ class MioTTSService(WebsocketTTSService):
         """The turn's text is complete: the context's audio finishes, then its `done`."""
         context_id = context_id or self.get_active_audio_context_id()
         if context_id in self._opened and self._websocket:
-            await self._websocket.send(protocol.context_message("end", context_id))
+            await self._websocket.send(protocol.context_message(Send.END, context_id))
 
     async def on_audio_context_interrupted(self, context_id: str):
         """Barge-in: cancel the context on the server (its audio stops, the connection
@@ -218,7 +219,7 @@ class MioTTSService(WebsocketTTSService):
         await self.stop_all_metrics()
         if context_id in self._opened and self._websocket:
             try:
-                await self._websocket.send(protocol.context_message("cancel", context_id))
+                await self._websocket.send(protocol.context_message(Send.CANCEL, context_id))
             except Exception as e:
                 logger.warning(f"{self}: cancel of {context_id} not sent: {e}")
         await super().on_audio_context_interrupted(context_id)
@@ -241,20 +242,20 @@ class MioTTSService(WebsocketTTSService):
     async def _message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         context_id = message.get("context_id")
-        if kind == "audio":
+        if kind == Receive.AUDIO:
             self._audio_header = message
-        elif kind == "words" and context_id and self.audio_context_available(context_id):
+        elif kind == Receive.WORDS and context_id and self.audio_context_available(context_id):
             rate = self.sample_rate
             words = [(w["word"], w["start_sample"] / rate) for w in message["words"]]
             japanese = _language(self._settings.language) == "ja"
             await self.add_word_timestamps(
                 words, context_id, includes_inter_frame_spaces=True if japanese else None
             )
-        elif kind == "done" and context_id and self.audio_context_available(context_id):
+        elif kind == Receive.DONE and context_id and self.audio_context_available(context_id):
             await self.stop_ttfb_metrics()
             await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
             await self.remove_audio_context(context_id)
-        elif kind == "error":
+        elif kind == Receive.ERROR:
             await self._server_error(protocol.ServerError(message))
 
     async def _server_error(self, error: protocol.ServerError) -> None:

@@ -4,6 +4,7 @@ framework plugins; it imports no framework."""
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -11,6 +12,30 @@ from urllib.parse import urlsplit, urlunsplit
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "miotts.conversation.v1"
 PATH = "/v1/conversation"
+
+
+class Send(enum.StrEnum):
+    """The messages a client sends."""
+
+    CONFIG = "config"
+    TEXT = "text"
+    FLUSH = "flush"
+    END = "end"
+    CANCEL = "cancel"
+    CLOSE = "close"
+
+
+class Receive(enum.StrEnum):
+    """The messages a client receives (an `audio` header is followed by one binary frame)."""
+
+    READY = "ready"
+    AUDIO = "audio"
+    SEGMENT = "segment"
+    WORDS = "words"
+    FLUSHED = "flushed"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    ERROR = "error"
 
 
 def conversation_url(base_url: str) -> str:
@@ -41,7 +66,7 @@ def config_message(
     """The conversation's config: PCM 16-bit at `sample_rate`, word timings on; `voice` a
     preset, an alias or a stored voice (the server resolves the name)."""
     message: dict[str, Any] = {
-        "type": "config",
+        "type": Send.CONFIG,
         "version": PROTOCOL_VERSION,
         "voice": {"voice_id": voice},
         "audio": {"encoding": "PCM_S16LE", "sample_rate_hz": sample_rate},
@@ -56,18 +81,18 @@ def config_message(
 
 def text_message(context_id: str, text: str, voice: str | None = None) -> str:
     """Text for a context; `voice`, with a context's first text, speaks it in another voice."""
-    message: dict[str, Any] = {"type": "text", "context_id": context_id, "text": text}
+    message: dict[str, Any] = {"type": Send.TEXT, "context_id": context_id, "text": text}
     if voice is not None:
         message["config"] = {"voice": {"voice_id": voice}}
     return encode(message)
 
 
-def context_message(kind: str, context_id: str, **fields: Any) -> str:
+def context_message(kind: Send, context_id: str, **fields: Any) -> str:
     """`flush`, `end` or `cancel` for a context."""
     return encode({"type": kind, "context_id": context_id, **fields})
 
 
-CLOSE = encode({"type": "close"})
+CLOSE = encode({"type": Send.CLOSE})
 
 
 class ServerError(Exception):

@@ -62,12 +62,24 @@ SUBPROTOCOL = f"miotts.conversation.v{PROTOCOL_VERSION}"
 
 
 class ConversationMessage(enum.Enum):
+    """What a client sends."""
+
     CONFIG = "config"
     TEXT = "text"
     FLUSH = "flush"
     END = "end"
     CANCEL = "cancel"
     CLOSE = "close"
+
+
+class ConversationEventType(enum.Enum):
+    """What the server sends beside /v1/stream's audio, segment and words messages."""
+
+    READY = "ready"
+    FLUSHED = "flushed"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    ERROR = "error"
 
 
 def _context_id(fields: dict[str, Any]) -> str:
@@ -122,17 +134,22 @@ class ConversationSocket:
         elif isinstance(event, WordsOut):
             await self._send(words_message(event) | tag)
         elif isinstance(event, Summary):
-            await self._send(summary_message(event, "done") | tag)
+            await self._send(summary_message(event, ConversationEventType.DONE.value) | tag)
         elif isinstance(event, ContextFlushed):
-            await self._send({"type": "flushed", **tag, "id": event.flush_id})
+            flushed = ConversationEventType.FLUSHED.value
+            await self._send({"type": flushed, **tag, "id": event.flush_id})
         elif isinstance(event, ContextCancelled):
-            await self._send({"type": "cancelled", **tag})
+            await self._send({"type": ConversationEventType.CANCELLED.value, **tag})
         elif isinstance(event, ContextFailed):
             await self._send(self._error(event.error) | tag)
 
     @staticmethod
     def _error(err: SessionError) -> dict[str, Any]:
-        error = {"type": "error", "code": err.code.value, "message": str(err)}
+        error = {
+            "type": ConversationEventType.ERROR.value,
+            "code": err.code.value,
+            "message": str(err),
+        }
         if err.field is not None:
             error["field"] = err.field
         return error
@@ -183,7 +200,7 @@ class ConversationSocket:
             )
             await self._send(
                 {
-                    "type": "ready",
+                    "type": ConversationEventType.READY.value,
                     "version": PROTOCOL_VERSION,
                     "conversation_id": self.request_id,
                     "encoding": settings.encoding.value,

@@ -126,13 +126,13 @@ def parse_message(message, kinds: type[enum.Enum] = ClientMessage) -> tuple[Any,
         raise invalid("type", f"unknown message type {kind!r} (one of {allowed})") from None
 
 
-def parse_config(fields: dict[str, Any], name: str = "config") -> tts_pb2.SynthesisConfig:
-    """A `SynthesisConfig` from its JSON fields; INVALID_ARGUMENT naming `name` otherwise."""
+def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
+    """A `SynthesisConfig` from its JSON fields; INVALID_ARGUMENT naming `config` otherwise."""
     try:
         return json_format.ParseDict(fields, tts_pb2.SynthesisConfig())
     except json_format.ParseError as err:
         first_line = str(err).splitlines()[0]
-        raise invalid(name, first_line) from None
+        raise invalid("config", first_line) from None
 
 
 def words_message(event: WordsOut) -> dict[str, Any]:
