@@ -212,6 +212,8 @@ CASES = [
     ("language-fr", [req(config=config(language="fr"))], INVALID, "language: 'fr'"),
     ("language-control", [req(config=config(language="\x00\x1b[2J"))], INVALID, "language:"),
     # hostile text
+    ("text-one-over", [req(config=config()), req(text="a" * (MAX_TEXT_CHARS + 1))], INVALID,
+     f"text: {MAX_TEXT_CHARS + 1} characters exceeds the limit of {MAX_TEXT_CHARS}"),
     ("text-1mb", [req(config=config()), req(text="a" * MB)], INVALID,
      f"text: {MB} characters exceeds the limit of {MAX_TEXT_CHARS}"),
     ("utf8-ff-fe", [CFG, raw_text(b"ok \xff\xfe")], INVALID, "text: not valid UTF-8"),

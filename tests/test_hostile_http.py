@@ -340,7 +340,7 @@ WS_CASES = [
     ("unknown-preset", [{"type": "config", "voice": {"preset": "nobody"}}], "voice.preset",
      "unknown preset 'nobody'"),
     ("bad-voice-id", [{"type": "config", "voice": {"voice_id": "x\n"}}], "voice.voice_id",
-     "no stored voice"),
+     "is neither a preset, an alias nor a stored voice"),
     ("bomb-declared", [{"type": "config",
                         "voice": {"reference_audio": base64.b64encode(BOMB_600).decode()}}],
      "voice.reference_audio", "600.00 s (as the file declares) is too long"),

@@ -24,9 +24,10 @@ import websockets
 from miotts_stream.audio.decoders import decode_audio
 from miotts_stream.audio.encoders import Encoding
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+from miotts_stream.voices.aliases import OPENAI_VOICE_ALIASES
 
 from .audio_files import encode, voice_like
-from .servers import running_server, server_log_lines, tiny_codec_options
+from .servers import running_server, server_log_lines, speak_config, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -59,9 +60,12 @@ def base_url(server) -> str:
     return f"http://127.0.0.1:{server.http_port}"
 
 
-@pytest.fixture
-def client(base_url) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0)
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(base_url):
+    """OpenAI's client, closed in this module's loop (left to the garbage collector, its
+    connections would be closed in a later module's loop, which logs an error there)."""
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0) as oai:
+        yield oai
 
 
 @pytest.fixture
@@ -235,8 +239,8 @@ async def test_a_client_that_goes_away_leaves_nothing_running(client, ws_url, se
 
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])
 async def test_a_failure_after_the_first_byte(client, server, stream_format):
-    """The status has gone out with the first byte: SSE ends with an error event, an audio
-    body is cut off before its final chunk (never a short file that looks whole)."""
+    """The status has gone out with the first byte: the body is cut off before its final chunk
+    (never a short file that looks whole), and SSE sends an error event before the cut."""
     from miotts_stream.service.engine import ErrorCode, SessionError
 
     async with long_speech(
@@ -246,19 +250,18 @@ async def test_a_failure_after_the_first_byte(client, server, stream_format):
         stream_format=stream_format,
     ) as response:
         chunks = response.iter_bytes()
-        assert await anext(chunks)
+        received = [await anext(chunks)]
         (session,) = server.engine.sessions
         session.fail(SessionError(ErrorCode.UNAVAILABLE, "server: shut down; retry"))
-        if stream_format == "sse":
-            body = b"".join([chunk async for chunk in chunks]).decode()
-            last = json.loads(body.strip().split("\n\n")[-1].removeprefix("data: "))
-            assert last["type"] == "error"
-            assert last["error"]["code"] == "UNAVAILABLE"
-        else:
-            # The client's HTTP library (httpx, or httpx2 in newer openai) reports it as such.
-            with pytest.raises(Exception, match="without sending complete message body"):
-                async for _ in chunks:
-                    pass
+        # The client's HTTP library (httpx, or httpx2 in newer openai) reports it as such.
+        with pytest.raises(Exception, match="without sending complete message body"):
+            async for chunk in chunks:
+                received.append(chunk)
+    if stream_format == "sse":
+        body = b"".join(received).decode()
+        last = json.loads(body.strip().split("\n\n")[-1].removeprefix("data: "))
+        assert last["type"] == "error"
+        assert last["error"]["code"] == "UNAVAILABLE"
     await released(server)
 
 
@@ -271,7 +274,7 @@ async def test_health(base_url, server):
 @pytest.mark.parametrize(
     ("fields", "error", "param", "words"),
     [
-        ({"voice": "alloy"}, openai.NotFoundError, "voice", "'alloy' is neither a preset"),
+        ({"voice": "nobody"}, openai.NotFoundError, "voice", "'nobody' is neither a preset"),
         ({"speed": 1.5}, openai.BadRequestError, "speed", "only 1.0"),
         ({"response_format": "ogg"}, openai.BadRequestError, "response_format", "'ogg'"),
         ({"input": "  "}, openai.BadRequestError, "input", "no text"),
@@ -393,6 +396,104 @@ async def test_models_and_voices_and_cloning_over_http(client, base_url, server)
             assert response.status == 404
             assert (await response.json())["error"]["code"] == "NOT_FOUND"
     await released(server)
+
+
+async def test_openai_voice_names_are_aliases_of_presets(client, base_url, server):
+    """OpenAI's clients accept only OpenAI's voice names: each is an alias of a preset (listed
+    with the voices), and speaks exactly as that preset does."""
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.get(f"{base_url}/v1/voices") as response:
+            listing = {v["name"]: v for v in (await response.json())["voices"]}
+        async with http.delete(f"{base_url}/v1/voices/alloy") as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["param"] == "voice_id"
+    aliases = {name for name, v in listing.items() if v["kind"] == "VOICE_KIND_ALIAS"}
+    assert aliases == set(OPENAI_VOICE_ALIASES)
+    assert listing["alloy"]["alias_of"] == "en_female" and listing["onyx"]["alias_of"] == "en_male"
+    speech = await client.audio.speech.create(
+        model="m", voice="alloy", input=TEXT, response_format="pcm", extra_body={"max_tokens": 8}
+    )
+    assert len(speech.content) == 8 * SPT * 2
+
+    # The same voice: the same audio for the same tokens (decoded in one window, see speak).
+    async def spoken(voice: str) -> bytes:
+        request = tts_pb2.SynthesizeRequest(
+            config=speak_config(tts_pb2.Voice(preset=voice)), text="Hello there."
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = tts_pb2_grpc.TextToSpeechStub(channel).Synthesize(
+                request, metadata=(("authorization", f"Bearer {KEY}"),)
+            )
+            return b"".join([r.audio.data async for r in call])
+
+    assert await spoken("alloy") == await spoken("en_female") != await spoken("onyx")
+    await released(server)
+
+
+async def test_every_response_names_its_request_and_the_log_line_too(
+    client, base_url, ws_url, server, caplog
+):
+    """x-request-id on every response (audio, errors, lists, unknown routes, the WebSocket
+    handshake), the same id in the WebSocket's summary and in the server's log line."""
+    caplog.set_level(logging.INFO, logger="miotts_stream.service.admission")
+    raw = await client.audio.speech.with_raw_response.create(
+        model="m", voice="en_female", input=TEXT, response_format="pcm",
+        extra_body={"max_tokens": 4},
+    )  # fmt: skip
+    speech_id = raw.headers["x-request-id"]
+    ids = [speech_id]
+    async with aiohttp.ClientSession() as http:
+        for path, headers, status in (
+            ("/v1/voices", AUTH, 200),
+            ("/v1/voices", {}, 401),
+            ("/v1/nowhere", AUTH, 404),
+            ("/health", {}, 200),
+        ):
+            async with http.get(f"{base_url}{path}", headers=headers) as response:
+                assert response.status == status
+                ids.append(response.headers["X-Request-Id"])
+    async with ws_connect(ws_url) as ws:
+        ids.append(ws.response.headers["X-Request-Id"])
+        await ws.send(config(generation={"max_tokens": 4}))
+        await ws.send(json.dumps({"type": "text", "text": "Hi."}))
+        await ws.send(json.dumps({"type": "end"}))
+        summary = (await read_until_closed(ws))[-1]
+    assert summary["type"] == "summary" and summary["request_id"] == ids[-1]
+    assert len(set(ids)) == len(ids) and all(len(i) == 16 for i in ids)
+    await released(server)
+    logged = "\n".join(server_log_lines(caplog))
+    assert f"request {speech_id} POST /v1/audio/speech: OK key cli-1" in logged
+    assert f"request {ids[-1]} WS /v1/stream: OK" in logged
+    assert f"request {ids[2]} GET /v1/voices: UNAUTHENTICATED" in logged
+
+
+async def test_a_cancelled_stream_counts_the_audio_it_sent(ws_url, server):
+    """miotts_audio_seconds_total is the audio sent, whether the stream finished or not."""
+
+    async def audio_seconds() -> float:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            for line in (await response.text()).splitlines():
+                if line.startswith("miotts_audio_seconds_total "):
+                    return float(line.split()[1])
+        raise AssertionError("no miotts_audio_seconds_total")
+
+    before = await audio_seconds()
+    received = 0
+    async with ws_connect(ws_url) as ws:
+        await ws.send(config(generation={"max_tokens": 200}))
+        await ws.send(json.dumps({"type": "text", "text": "A long sentence to cut short. " * 4}))
+        await ws.send(json.dumps({"type": "end"}))
+        while received < RATE:  # a second of audio, then barge in
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                received += len(message) // 2
+        await ws.send(json.dumps({"type": "cancel"}))
+        for message in await read_until_closed(ws):
+            if isinstance(message, bytes):
+                received += len(message) // 2
+    await released(server)
+    assert await audio_seconds() - before == pytest.approx(received / RATE, abs=1e-6)
 
 
 # ---- the WebSocket stream ----------------------------------------------------------------------

@@ -81,3 +81,27 @@ def test_options_by_their_flat_names_go_to_their_groups():
     assert ServerOptions().limits.max_streams == 16  # a copy: the original is unchanged
     with pytest.raises(TypeError, match=r"max_stream\b"):
         ServerOptions().with_values(max_stream=4)
+
+
+def test_voice_aliases_on_the_command_line():
+    options = server.parse_args(
+        ["--voice-alias", "narrator=alice", "--voice-alias", "alloy=en_male"]
+    )
+    assert options.voices.voice_aliases == {"narrator": "alice", "alloy": "en_male"}
+    for bad in ("narrator", "=alice", "Narrator=alice", "narrator=Alice!"):
+        with pytest.raises(SystemExit):
+            server.parse_args(["--voice-alias", bad])
+
+
+def test_an_alias_may_not_shadow_a_preset_or_name_an_alias():
+    from miotts_stream.codec.voices import VoiceLibrary
+    from miotts_stream.voices.aliases import OPENAI_VOICE_ALIASES, VoiceAliases
+
+    presets = VoiceLibrary()
+    aliases = VoiceAliases.build({"alloy": "my_voice"}, presets)
+    assert aliases.target("alloy") == "my_voice" and aliases.target("nova") == "en_female"
+    assert set(aliases.names()) == set(OPENAI_VOICE_ALIASES)
+    with pytest.raises(ValueError, match="en_male is a preset"):
+        VoiceAliases.build({"en_male": "en_female"}, presets)
+    with pytest.raises(ValueError, match="nova is itself an alias"):
+        VoiceAliases.build({"narrator": "nova"}, presets)

@@ -33,7 +33,6 @@ async def server(tmp_path_factory):
         data_dir=str(tmp_path_factory.mktemp("voices")),
         max_streams=5,
         metrics_port=0,
-        max_text_chars=400,
     )
     async with running_server(options) as srv:
         yield srv
@@ -250,102 +249,28 @@ def _expect_error(code, message_part):
     return check
 
 
-@pytest.mark.parametrize(
-    ("messages", "code", "message"),
-    [
-        ([req(text="hello")], grpc.StatusCode.INVALID_ARGUMENT, "config: the first message"),
-        (
-            [req(config=config()), req(config=config())],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "config: sent twice",
-        ),
-        (
-            [req(config=config(voice=tts_pb2.Voice(preset="nobody")))],
-            grpc.StatusCode.NOT_FOUND,
-            "voice.preset: unknown preset 'nobody'",
-        ),
-        (
-            [
-                req(
-                    config=config(
-                        voice=tts_pb2.Voice(embedding=tts_pb2.Embedding(values=[1.0] * 5))
-                    )
-                )
-            ],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "voice.embedding.values: expected 128 floats",
-        ),
-        (
-            [
-                req(
-                    config=config(
-                        voice=tts_pb2.Voice(
-                            embedding=tts_pb2.Embedding(values=[float("nan")] * 128)
-                        )
-                    )
-                )
-            ],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "voice.embedding.values",
-        ),
-        (
-            [req(config=config(encoding=tts_pb2.MULAW, rate=16000))],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "audio.sample_rate_hz: 16000 Hz is not supported",
-        ),
-        (
-            [req(config=config(encoding=tts_pb2.OPUS, rate=44100))],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "audio.sample_rate_hz: 44100 Hz",
-        ),
-        (
-            [req(config=config()), req(text="x" * 401)],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "text: 401 characters exceeds the limit of 400",
-        ),
-        (
-            [req(config=config()), req(end_of_input=tts_pb2.EndOfInput())],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "text: no text to synthesize",
-        ),
-        ([req(config=config(language="fr"))], grpc.StatusCode.INVALID_ARGUMENT, "language: 'fr'"),
-        (
-            [
-                req(
-                    config=tts_pb2.SynthesisConfig(
-                        generation=tts_pb2.GenerationOptions(temperature=-1)
-                    )
-                )
-            ],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "generation.temperature",
-        ),
-        (
-            [
-                req(
-                    config=tts_pb2.SynthesisConfig(
-                        streaming=tts_pb2.StreamingOptions(chunk_tokens=-3)
-                    )
-                )
-            ],
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "streaming.chunk_tokens",
-        ),
-    ],
-)
-async def test_error_table_and_the_server_keeps_serving(stub, messages, code, message):
-    async def requests():
-        for m in messages:
-            yield m
-        await asyncio.sleep(5)  # keep the stream open: the error must come from the server
+async def test_calls_carry_their_request_id_and_errors_their_field(stub, server, caplog):
+    """x-request-id in every call's initial metadata, the same id in the summary and in the
+    server's log line of the call; an error about one field names it in trailing metadata."""
+    caplog.set_level("INFO", logger="miotts_stream.service.admission")
+    call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Who am I?"))
+    summary = (await collect(call))["summary"]
+    request_id = dict(await call.initial_metadata())["x-request-id"]
+    assert summary.request_id == request_id and len(request_id) == 16
+    assert f"request {request_id} Synthesize: OK" in caplog.text
 
+    bad = tts_pb2.SynthesisConfig(generation=tts_pb2.GenerationOptions(top_p=7))
+    call = stub.Synthesize(tts_pb2.SynthesizeRequest(config=bad, text="Hi."))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await collect(stub.StreamingSynthesize(requests()))
-    _expect_error(code, message)(caught.value)
-    ok = await collect(
-        stub.Synthesize(tts_pb2.SynthesizeRequest(config=config(), text="Still here."))
-    )
-    assert ok["summary"].generated_tokens > 0
+        await collect(call)
+    assert dict(caught.value.trailing_metadata())["miotts-error-field"] == "generation.top_p"
+    bad_id = dict(await call.initial_metadata())["x-request-id"]
+    assert f"request {bad_id} Synthesize: INVALID_ARGUMENT: generation.top_p" in caplog.text
+    voices_call = stub.ListVoices(tts_pb2.ListVoicesRequest())
+    voices = await voices_call
+    assert dict(await voices_call.initial_metadata())["x-request-id"]
+    assert {v.name for v in voices.voices if v.kind == tts_pb2.VOICE_KIND_ALIAS} >= {"alloy"}
+    await released(server)
 
 
 async def test_empty_synthesize_text(stub):

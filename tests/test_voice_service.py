@@ -41,6 +41,7 @@ async def server(tmp_path_factory, tiny_wavlm):
         data_dir=str(tmp_path_factory.mktemp("voice-store")),
         max_streams=4,
         metrics_port=None,
+        voice_aliases={"narrator": "alice"},  # a stored voice (made by the first test)
     )
     async with running_server(options) as srv:
         yield srv
@@ -91,6 +92,15 @@ async def test_clone_then_stream_with_the_voice_by_id(stub, server, tiny_encoder
     np.testing.assert_allclose(by_id, explicit, atol=1e-5)
     preset = await speak(stub, tts_pb2.Voice(preset="en_female"))
     assert len(preset) != len(by_id) or np.abs(preset - by_id).max() > 1e-3
+    # --voice-alias narrator=alice: the alias speaks as the stored voice, by either field.
+    for voice in (tts_pb2.Voice(preset="narrator"), tts_pb2.Voice(voice_id="narrator")):
+        np.testing.assert_allclose(await speak(stub, voice), by_id, atol=1e-5)
+    listed = await stub.ListVoices(tts_pb2.ListVoicesRequest())
+    (narrator,) = [v for v in listed.voices if v.name == "narrator"]
+    assert (narrator.kind, narrator.alias_of) == (tts_pb2.VOICE_KIND_ALIAS, "alice")
+    request = tts_pb2.CreateVoiceRequest(voice_id="narrator", audio=CLIP)
+    code, details = await status_of(stub.CreateVoice(request))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "alias of 'alice'" in details
 
 
 async def test_reference_audio_in_the_config_is_cloned_once(stub, server, tiny_encoder):

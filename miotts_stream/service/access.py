@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BEARER = "bearer "
-# One message for a missing and for a wrong key, so that keys cannot be probed.
+# One message for a missing and for a wrong key, so that keys cannot be probed. No
+# "authorization: ..." or "key: ..." in it: secret scrubbers (Pipecat's) mask the value after
+# such a name, and the client would read "[REDACTED]" instead of what to do.
 UNAUTHENTICATED_MESSAGE = (
-    "authorization: missing or invalid API key (send 'authorization: Bearer KEY')"
+    "API key missing or not valid: send it in the Authorization header as 'Bearer KEY'"
 )
 
 

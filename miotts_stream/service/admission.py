@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,6 +23,7 @@ from miotts_stream.codec.voices import BUILTIN_PRESETS_DIR
 from miotts_stream.errors import FieldError
 from miotts_stream.llm import SamplingOptions
 from miotts_stream.voices import VoiceExists, VoiceNotFound, VoiceRecord, VoiceStoreUnavailable
+from miotts_stream.voices.aliases import VoiceAliases
 from miotts_stream.voices.registry import EncoderUnavailable, PresetVoice, VoiceRegistry
 from miotts_stream.voices.store import check_voice_id
 
@@ -79,6 +81,13 @@ def stop_blocked_writer(session: SynthesisSession, handler: asyncio.Task | None)
     session.on_fail(on_fail)
 
 
+def new_request_id() -> str:
+    """An id for one request (an HTTP request, a gRPC call, a WebSocket connection): sent to
+    the client (`x-request-id`), named in the server's log line of the request and in its
+    summary. A session's id is its request's."""
+    return uuid.uuid4().hex[:16]
+
+
 def invalid(field: str, reason: str) -> SessionError:
     """INVALID_ARGUMENT for one field of the request: "field: reason", the field as data."""
     return SessionError(ErrorCode.INVALID_ARGUMENT, f"{field}: {reason}", field)
@@ -119,12 +128,17 @@ class Admission:
         default_voice: str,
         voices: VoiceRegistry | None = None,
         access: AccessPolicy | None = None,
+        aliases: VoiceAliases | None = None,
+        conversation_idle_s: float = 300.0,
     ):
         self.engine = engine
+        # A conversation with no context open and no message for this long is closed.
+        self.conversation_idle_s = conversation_idle_s
         self.metrics = metrics
         self.default_voice = default_voice
         self.voices = voices  # stored voices and cloning; None: presets and embeddings only
         self.access = access or AccessPolicy()
+        self.aliases = aliases or VoiceAliases.build({}, engine.voices)
         # After a signal: health NOT_SERVING from then on (during --drain-notice-s new streams
         # are still taken); then draining: new streams are refused, open ones finish.
         self.stopping = False
@@ -234,12 +248,43 @@ class Admission:
         if language not in LANGUAGES:
             raise invalid("language", f"{language!r} is not one of {', '.join(LANGUAGES)}")
         return SessionConfig(
-            voice, encoding, config.audio.sample_rate_hz, sampling, streaming, language
+            voice,
+            encoding,
+            config.audio.sample_rate_hz,
+            sampling,
+            streaming,
+            language,
+            word_timestamps=config.word_timestamps,
         )
 
+    def _by_name(self, config: tts_pb2.SynthesisConfig) -> tts_pb2.SynthesisConfig:
+        """The config with a voice named by a name that is not its kind's made plain: an alias
+        (as a preset's name or a voice id) becomes the voice it names, and a preset's name
+        given as a voice id the preset (a client that takes "a voice" as one string sends
+        it as a voice id)."""
+        which = config.voice.WhichOneof("voice")
+        if which not in ("preset", "voice_id"):
+            return config
+        name = getattr(config.voice, which)
+        if name in self.aliases:
+            target = self.aliases.target(name)
+        elif which == "voice_id" and name in self.engine.voices:
+            target = name
+        else:
+            return config
+        resolved = tts_pb2.SynthesisConfig()
+        resolved.CopyFrom(config)
+        if target in self.engine.voices:
+            resolved.voice.preset = target
+        else:
+            resolved.voice.voice_id = target
+        return resolved
+
     async def resolve_voice(self, config: tts_pb2.SynthesisConfig) -> tts_pb2.SynthesisConfig:
-        """A stored voice or reference audio becomes its embedding, found or computed off the
-        event loop; other configs pass through unchanged."""
+        """An alias becomes the voice it names; a stored voice or reference audio becomes its
+        embedding, found or computed off the event loop; other configs pass through
+        unchanged."""
+        config = self._by_name(config)
         which = config.voice.WhichOneof("voice")
         if which not in ("voice_id", "reference_audio"):
             return config
@@ -254,8 +299,13 @@ class Admission:
                 embedding = (await self.voices.get(config.voice.voice_id)).embedding
             else:
                 embedding = await self.voices.reference_embedding(config.voice.reference_audio)
-        except VoiceNotFound as err:
-            raise SessionError(ErrorCode.NOT_FOUND, f"voice.{err}", "voice.voice_id") from None
+        except VoiceNotFound:
+            raise SessionError(
+                ErrorCode.NOT_FOUND,
+                f"voice.voice_id: {config.voice.voice_id!r} is neither a preset, an alias nor a "
+                "stored voice (ListVoices and GET /v1/voices list them)",
+                "voice.voice_id",
+            ) from None
         except EncoderUnavailable as err:
             raise SessionError(ErrorCode.UNAVAILABLE, f"voice.reference_audio: {err}") from None
         except VoiceStoreUnavailable as err:
@@ -271,9 +321,12 @@ class Admission:
         return resolved
 
     # ---- streams ---------------------------------------------------------------------------
-    async def open(self, config: tts_pb2.SynthesisConfig, key: ApiKey | None) -> SynthesisSession:
-        """A new session, or SessionError: draining, the key's limit, a bad config, the
-        engine's --max-streams. Every session opened here must be `release`d."""
+    async def open(
+        self, config: tts_pb2.SynthesisConfig, key: ApiKey | None, request_id: str | None = None
+    ) -> SynthesisSession:
+        """A new session (its id the request's), or SessionError: draining, the key's limit, a
+        bad config, the engine's --max-streams. Every session opened here must be
+        `release`d."""
         if self.draining:
             raise SessionError(
                 ErrorCode.UNAVAILABLE, "server: shutting down; retry on another instance"
@@ -285,7 +338,7 @@ class Admission:
                 f"api key {key.name}: {limit} streams open, its max_streams; retry later",
             )
         config = await self.resolve_voice(config)
-        session = self.engine.open_session(self.session_config(config))
+        session = self.engine.open_session(self.session_config(config), request_id)
         self.metrics.active_streams.inc()
         if key is not None:
             self.streams_by_key[key.name] += 1
@@ -296,15 +349,30 @@ class Admission:
         if key is not None:
             self.streams_by_key[key.name] -= 1
 
-    def count(self, method: str, code: ErrorCode, key: ApiKey | None) -> None:
+    def record(
+        self,
+        method: str,
+        code: ErrorCode,
+        key: ApiKey | None,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        """A finished request: counted in the metrics, and one log line naming its id (the
+        client's x-request-id), method, outcome and key name (never the key)."""
         self.metrics.requests.labels(method=method, code=code.value).inc()
         if key is not None:
             self.metrics.requests_by_key.labels(key=key.name, code=code.value).inc()
+        who = f" key {key.name}" if key is not None else ""
+        logger.info("request %s %s: %s%s%s", request_id, method, code.value, who, detail)
 
     def observe(self, summary: Summary) -> None:
         self.metrics.time_to_first_audio.observe(summary.time_to_first_audio_ms / 1000)
-        self.metrics.audio_seconds.inc(summary.audio_seconds)
         self.metrics.generated_tokens.inc(summary.generated_tokens)
+
+    def sent_audio(self, seconds: float) -> None:
+        """Audio delivered to a client, as it goes: a stream cancelled or failed half way
+        counts what it sent."""
+        self.metrics.audio_seconds.inc(seconds)
 
     # ---- voices ----------------------------------------------------------------------------
     @staticmethod
@@ -331,8 +399,16 @@ class Admission:
             raise SessionError(ErrorCode.UNIMPLEMENTED, "this server stores no voices")
         return self.voices
 
+    def alias_info(self, name: str) -> tts_pb2.VoiceInfo:
+        target = self.aliases.target(name)
+        notice = self.preset_info(target).notice if target in self.engine.voices else ""
+        return tts_pb2.VoiceInfo(
+            name=name, kind=tts_pb2.VOICE_KIND_ALIAS, alias_of=target, notice=notice
+        )
+
     async def list_voices(self) -> tts_pb2.ListVoicesResponse:
         voices = [self.preset_info(name) for name in self.engine.voices.names()]
+        voices += [self.alias_info(name) for name in self.aliases.names()]
         if self.voices is not None:
             try:
                 stored = await self.voices.list()
@@ -348,19 +424,32 @@ class Admission:
             random_weights=self.engine.random_weights,
         )
 
+    def _refuse_alias(self, voice_id: str, code: ErrorCode, doing: str) -> None:
+        if voice_id in self.aliases:
+            raise SessionError(
+                code,
+                f"voice_id: {voice_id!r} is an alias of {self.aliases.target(voice_id)!r}; "
+                f"{doing} (aliases come from OpenAI's voice names and --voice-alias)",
+                "voice_id",
+            )
+
     async def create_voice(
         self, voice_id: str, audio: bytes, display_name: str = "", language: str = ""
     ) -> tts_pb2.VoiceInfo:
+        self._refuse_alias(voice_id, ErrorCode.ALREADY_EXISTS, "choose another id")
         record = await self._stored_voices().create(voice_id, audio, display_name, language)
         return self.voice_info(record)
 
     async def get_voice(self, voice_id: str) -> tts_pb2.VoiceInfo:
         if voice_id in self.engine.voices:
             return self.preset_info(voice_id)
+        if voice_id in self.aliases:
+            return self.alias_info(voice_id)
         check_voice_id(voice_id)  # a malformed id is a bad request, not a store lookup
         return self.voice_info(await self._stored_voices().get(voice_id))
 
     async def delete_voice(self, voice_id: str) -> None:
+        self._refuse_alias(voice_id, ErrorCode.FAILED_PRECONDITION, "it cannot be deleted")
         if voice_id not in self.engine.voices:  # a preset's name: PresetVoice says why not
             check_voice_id(voice_id)
         await self._stored_voices().delete(voice_id)

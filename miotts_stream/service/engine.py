@@ -3,7 +3,9 @@
 Transport-agnostic (the gRPC layer in `servicer.py` is one client of it). A `SynthesisSession`
 is one conversation turn: text goes in piece by piece, events come out in order:
 
-    SegmentStarted, AudioOut..., SegmentFinished, ..., Summary
+    SegmentStarted, (WordsOut,) AudioOut..., SegmentFinished, ..., Summary
+
+(WordsOut only with `SessionConfig.word_timestamps`: estimated word times, text/words.py.)
 
 Pipeline per session:
   push_text -> TextSegmenter -> segment queue
@@ -42,6 +44,7 @@ from miotts_stream.llm import (
     TokenSource,
 )
 from miotts_stream.text.segmenter import SegmenterOptions, TextSegmenter
+from miotts_stream.text.words import TimedWord, WordTimeline, split_words
 
 from .scheduler import ClientBuffer, DecodeFailed, DecodeInterrupted, DecodeScheduler, DecodeStream
 
@@ -108,6 +111,7 @@ class SessionConfig:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     streaming: StreamingOptions = field(default_factory=StreamingOptions)
     language: str = "auto"
+    word_timestamps: bool = False  # WordsOut events (estimated times, text/words.py)
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -137,6 +141,16 @@ class SegmentFinished:
 
 
 @dataclass
+class WordsOut:
+    """Words of a segment with their estimated start and end in the output (sample positions
+    at the output rate, from the start of the stream), each word once, in order; sent before
+    the audio in which they start (text/words.py says how they are estimated)."""
+
+    segment_index: int
+    words: list[TimedWord]
+
+
+@dataclass
 class Summary:
     time_to_first_audio_ms: float
     audio_seconds: float
@@ -146,9 +160,10 @@ class Summary:
     sample_rate_hz: int
     encoding: Encoding
     random_weights: bool
+    request_id: str  # the session's id: the request's x-request-id, as logged
 
 
-Event = AudioOut | SegmentStarted | SegmentFinished | Summary
+Event = AudioOut | SegmentStarted | SegmentFinished | WordsOut | Summary
 
 
 @dataclass(eq=False)
@@ -159,6 +174,8 @@ class _Segment:
     decode: DecodeStream | None = None  # its audio, once generation has reached it
     started: asyncio.Event = field(default_factory=asyncio.Event)
     samples: int | None = None  # codec-rate samples, once all decoded
+    codes_in: int = 0  # speech codes received so far: the audio they make is certain
+    codes_total: int | None = None  # once they are all in: the segment's exact length
 
 
 class SpeechEngine:
@@ -220,14 +237,18 @@ class SpeechEngine:
                     logger.info("session %s: %s", session.id, error)
                     session.fail(error)
 
-    def open_session(self, config: SessionConfig) -> SynthesisSession:
+    def open_session(
+        self, config: SessionConfig, session_id: str | None = None
+    ) -> SynthesisSession:
+        """A new session (its id: `session_id`, the transport's request id, or a fresh one);
+        RESOURCE_EXHAUSTED beyond `max_streams`."""
         if len(self.sessions) >= self.max_streams:
             raise SessionError(
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"server busy: {len(self.sessions)} streams open, the most this server takes "
                 f"at once is {self.max_streams}; retry later",
             )
-        session = SynthesisSession(self, config)
+        session = SynthesisSession(self, config, session_id)
         self.sessions.add(session)
         return session
 
@@ -235,10 +256,10 @@ class SpeechEngine:
 class SynthesisSession:
     """One synthesis: feed text, read events. Always `close()` it (idempotent)."""
 
-    def __init__(self, engine: SpeechEngine, config: SessionConfig):
+    def __init__(self, engine: SpeechEngine, config: SessionConfig, session_id: str | None = None):
         self.engine = engine
         self.config = config
-        self.id = uuid.uuid4().hex[:12]
+        self.id = session_id or uuid.uuid4().hex[:16]
         self.codec_rate = engine.decoder.sample_rate
         self.encoder = make_encoder(config.encoding, self.codec_rate, config.sample_rate_hz)
         self.segmenter = TextSegmenter(SegmenterOptions())
@@ -413,16 +434,19 @@ class SynthesisSession:
                     )
                 except EmptyTextError:
                     # Punctuation alone ("...", "—"): nothing to say, and no reason to fail.
+                    segment.codes_total = 0
                     decode.finish()
                     continue
                 try:
                     # Codes in batches: whatever arrived since the last step, checked at once.
                     while codes := await tokens.next_codes():
                         decode.push(codes)
+                        segment.codes_in += len(codes)
                 finally:
                     await tokens.aclose()
                     self.generated_tokens += tokens.generated_tokens
                     self.dropped_tokens += tokens.dropped_tokens
+                segment.codes_total = segment.codes_in
                 decode.finish()
         except LLMUnavailableError as err:
             logger.warning("session %s: speech LLM unavailable: %s", self.id, err)
@@ -521,14 +545,50 @@ class SynthesisSession:
                 finally:
                     self.event_offered_at = None
 
+    def _out_position(self, codec_sample: int) -> int:
+        """A position in the codec's samples as a position in the output stream. The
+        resampler's output is aligned in time with its input (it holds back its last samples
+        until more come, it does not delay them), so this is where that instant is sent."""
+        return round(codec_sample * self.encoder.out_rate / self.codec_rate)
+
+    def _words_due(
+        self, timeline: WordTimeline, segment: _Segment, start: int, before: int
+    ) -> WordsOut | None:
+        """The words of `segment` that start before `before` (codec samples from the segment's
+        start `start`), timed, in output positions; all of them once its length is known."""
+        spt = self.engine.decoder.samples_per_token
+        total = None if segment.codes_total is None else segment.codes_total * spt
+        if segment.samples is not None:  # all decoded: the length as counted
+            total = segment.samples
+        words = timeline.due(before, segment.codes_in * spt, total)
+        if not words:
+            return None
+        return WordsOut(
+            segment.index,
+            [
+                TimedWord(
+                    w.text,
+                    self._out_position(start + w.start_sample),
+                    self._out_position(start + w.end_sample),
+                )
+                for w in words
+            ],
+        )
+
     async def _events(self) -> AsyncIterator[Event]:
         sequence = 0
         pending_header = self.encoder.stream_header()  # Ogg headers ride on the first chunk
+        codec_samples = 0  # the stream's audio so far, in the codec's samples
         index = 0
         try:
             while (segment := await self._next_segment(index)) is not None:
-                start = self.encoder.samples_out
-                yield SegmentStarted(segment.index, segment.text, start)
+                start = codec_samples
+                yield SegmentStarted(segment.index, segment.text, self._out_position(start))
+                timeline = None
+                if self.config.word_timestamps:
+                    timeline = WordTimeline(
+                        split_words(segment.text), self.engine.decoder.samples_per_token
+                    )
                 samples = 0
                 async with contextlib.aclosing(self._audio_of(segment)) as chunks:
                     async for chunk in chunks:
@@ -539,11 +599,25 @@ class SynthesisSession:
                         if pending_header:
                             encoded.data = pending_header + encoded.data
                             pending_header = b""
+                        if timeline is not None:  # no word reaches the client after its audio
+                            words = self._words_due(timeline, segment, start, samples)
+                            if words is not None:
+                                yield words
                         if not encoded.empty:
                             yield self._audio_event(encoded, segment.index, sequence)
                             sequence += 1
                 segment.samples = samples
-                yield SegmentFinished(segment.index, segment.text, start, self.encoder.samples_out)
+                codec_samples += samples
+                if timeline is not None:
+                    words = self._words_due(timeline, segment, start, samples)
+                    if words is not None:
+                        yield words
+                yield SegmentFinished(
+                    segment.index,
+                    segment.text,
+                    self._out_position(start),
+                    self._out_position(codec_samples),
+                )
                 index += 1
             if self._error is not None:
                 raise self._error
@@ -558,13 +632,19 @@ class SynthesisSession:
                 raise
             return
 
+    def time_to_first_audio_ms(self) -> float:
+        """From the request that completed the first segment to its first audio (0 before
+        any audio)."""
+        if self.first_audio_at is None:
+            return 0.0
+        first = self._segment_list[0].ready_at if self._segment_list else self.started_at
+        return (self.first_audio_at - first) * 1000
+
     def _summary(self) -> Summary:
         elapsed = time.perf_counter() - self.started_at
         audio_seconds = self.encoder.samples_out / self.encoder.out_rate
-        first = self._segment_list[0].ready_at if self._segment_list else self.started_at
-        ttfa = ((self.first_audio_at - first) * 1000) if self.first_audio_at else 0.0
         return Summary(
-            time_to_first_audio_ms=ttfa,
+            time_to_first_audio_ms=self.time_to_first_audio_ms(),
             audio_seconds=audio_seconds,
             generated_tokens=self.generated_tokens,
             dropped_tokens=self.dropped_tokens,
@@ -572,6 +652,7 @@ class SynthesisSession:
             sample_rate_hz=self.encoder.out_rate,
             encoding=self.config.encoding,
             random_weights=self.engine.random_weights,
+            request_id=self.id,
         )
 
     # ---- cleanup -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import grpc
 from miotts_stream.audio.reference import MAX_INPUT_BYTES
 from miotts_stream.demo_model import ARCHITECTURES, DEFAULT_ARCH
 from miotts_stream.llm.vllm_source import parse_engine_arg
+from miotts_stream.voices.aliases import parse_voice_alias
 
 from .engine import SessionLimits
 
@@ -207,6 +208,16 @@ class VoiceOptions:
     default_voice: str = option(
         "en_female", "preset used when a request names no voice", metavar="NAME"
     )
+    voice_aliases: Mapping[str, str] = option(
+        help="another name for a voice: a request naming NAME gets VOICE (a preset or a stored "
+        "voice id); may be repeated. OpenAI's 13 voice names (alloy, ash, ..., verse) are "
+        "aliases of the English presets already (README: Voice aliases); this can point them "
+        "elsewhere",
+        factory=dict,
+        name="--voice-alias",
+        metavar="NAME=VOICE",
+        parse=parse_voice_alias,
+    )
     data_dir: str = option(
         ".data",
         "folder of the voice store, shared with python -m miotts_stream.voices",
@@ -255,6 +266,11 @@ class LimitOptions:
         "audio sent, or only a config)",
     )
     max_stream_s: float = option(600.0, "longest a stream may stay open, generation included")
+    conversation_idle_timeout_s: float = option(
+        300.0,
+        "close a conversation (/v1/conversation, Converse) that has no utterance open and sends "
+        "nothing for this long; each utterance has the stream limits",
+    )
     stall_timeout_s: float = option(
         30.0, "cancel a stream whose client has read nothing for this long"
     )
@@ -349,15 +365,16 @@ class AccessOptions:
     )
     api_keys: tuple[str, ...] = option(
         (),
-        "accept this key (clients send 'authorization: Bearer KEY'); may be repeated",
+        "accept this key, 8 characters or more (clients send 'authorization: Bearer KEY'); "
+        "may be repeated",
         secret=True,
         name="--api-key",
         metavar="KEY",
     )
     api_keys_file: str | None = option(
         None,
-        "file of keys, one per line: KEY [name=NAME] [max_streams=N]; # comments; read again "
-        "on SIGHUP",
+        "file of keys, one per line: KEY [name=NAME] [max_streams=N], each KEY 8 characters or "
+        "more; # comments; read again on SIGHUP",
         metavar="FILE",
     )
     api_keys_db: str | None = option(

@@ -37,6 +37,7 @@ from miotts_stream.llm import (
 )
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 from miotts_stream.voices import open_voice_store
+from miotts_stream.voices.aliases import VoiceAliases
 from miotts_stream.voices.registry import VoiceRegistry, make_encoder
 
 from .access import AccessError, AccessPolicy
@@ -122,6 +123,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
     voices = VoiceLibrary([Path(p) for p in options.voices.presets_dirs])
     if options.voices.default_voice not in voices:
         raise ValueError(f"--default-voice: unknown preset {options.voices.default_voice!r}")
+    VoiceAliases.build(options.voices.voice_aliases, voices)  # a bad alias fails now
     decoding = options.decoder
     codec = decoding.codec or "random-24khz"
     dtype = CODEC_DTYPES[decoding.codec_dtype]
@@ -235,7 +237,13 @@ class MioTTSServer:
             AudioLimits(voices.reference_min_seconds, voices.reference_max_seconds),
         )
         self.admission = Admission(
-            engine, self.metrics, voices.default_voice, self.voices, self.access
+            engine,
+            self.metrics,
+            voices.default_voice,
+            self.voices,
+            self.access,
+            VoiceAliases.build(voices.voice_aliases, engine.voices),
+            conversation_idle_s=options.limits.conversation_idle_timeout_s,
         )
         self.servicer = TextToSpeechServicer(self.admission)
         self._drain_cut = asyncio.Event()  # a second signal: stop waiting for open streams

@@ -15,13 +15,18 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
+from miotts_stream.audio.encoders import output_rate
+
 from .access import ApiKey
-from .admission import (
-    PROTO_ENCODINGS,
-    Admission,
-    invalid,
-    stop_blocked_writer,
-    voice_error,
+from .admission import PROTO_ENCODINGS, Admission, invalid, new_request_id, voice_error
+from .conversation import (
+    ContextCancelled,
+    ContextFailed,
+    ContextFlushed,
+    Conversation,
+    ConversationEnd,
+    ConversationEvent,
+    run_conversation,
 )
 from .engine import (
     AudioOut,
@@ -32,8 +37,10 @@ from .engine import (
     SessionError,
     Summary,
     SynthesisSession,
+    WordsOut,
 )
 from .pb.miotts.v1 import tts_pb2, tts_pb2_grpc
+from .runner import ERROR_DRAIN_S, run_session
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +49,13 @@ _ENCODING_TO_PROTO = {v: k for k, v in PROTO_ENCODINGS.items() if k != tts_pb2.E
 
 GRPC_STATUS = {code: getattr(grpc.StatusCode, code.value) for code in ErrorCode}
 
-# Before ending a stream with an error, read (and drop) what the client is still sending, for up
-# to this long or until it half-closes. grpcio's asyncio client reports INTERNAL "Internal error
-# from Core" instead of our status when one of its writes lands after the status arrived
-# (grpc/grpc#36066); messages it had already queued are written within milliseconds.
-ERROR_DRAIN_S = 0.25
-
 
 async def _drain(requests) -> None:
+    """Read (and drop) what the client is still sending, for up to ERROR_DRAIN_S or until it
+    half-closes: grpcio's asyncio client reports INTERNAL "Internal error from Core" instead of
+    the status when one of its writes lands after the status arrived (grpc/grpc#36066); the
+    messages it had already queued are written within milliseconds."""
+
     async def consume() -> None:
         async for _ in requests:
             pass
@@ -177,6 +183,77 @@ def add_to_server(servicer: TextToSpeechServicer, server: grpc.aio.Server) -> No
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def words_proto(event: WordsOut) -> tts_pb2.WordTimings:
+    return tts_pb2.WordTimings(
+        segment_index=event.segment_index,
+        estimated=True,
+        words=[
+            tts_pb2.WordTiming(word=w.text, start_sample=w.start_sample, end_sample=w.end_sample)
+            for w in event.words
+        ],
+    )
+
+
+def context_error(error: SessionError) -> tts_pb2.ContextError:
+    return tts_pb2.ContextError(
+        code=GRPC_STATUS[error.code].value[0], message=str(error), field=error.field or ""
+    )
+
+
+class GrpcConversationSink:
+    """A conversation's events over gRPC: one ConverseResponse each, tagged with its context."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    async def send(self, context_id: str, event: ConversationEvent) -> None:
+        response = tts_pb2.ConverseResponse(context_id=context_id)
+        if isinstance(event, ContextFlushed):
+            response.flushed.id = "" if event.flush_id is None else str(event.flush_id)
+        elif isinstance(event, ContextCancelled):
+            response.cancelled.SetInParent()
+        elif isinstance(event, ContextFailed):
+            response.error.CopyFrom(context_error(event.error))
+        else:
+            one = TextToSpeechServicer.to_proto(event)
+            kind = one.WhichOneof("response")
+            getattr(response, "done" if kind == "summary" else kind).CopyFrom(getattr(one, kind))
+        await self.context.write(response)
+
+
+class GrpcSink:
+    """A session's outcome over gRPC: each event one response message, a failure the call's
+    status (the handler ends there)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    async def send(self, event: Event) -> None:
+        await self.context.write(TextToSpeechServicer.to_proto(event))
+
+    async def fail(self, error: SessionError) -> None:
+        await abort(self.context, error)
+
+
+# The trailing metadata key that names the field an error is about (when it is one field's),
+# beside the status message that names it in words: as the OpenAI error's `param` over HTTP.
+ERROR_FIELD_METADATA = "miotts-error-field"
+REQUEST_ID_METADATA = "x-request-id"
+
+
+async def abort(context: grpc.aio.ServicerContext, error: SessionError) -> None:
+    """End the call with the error's status and message, and its field as trailing metadata."""
+    trailing = ((ERROR_FIELD_METADATA, error.field),) if error.field else ()
+    await context.abort(GRPC_STATUS[error.code], str(error), trailing_metadata=trailing)
+
+
+async def start_call(context: grpc.aio.ServicerContext) -> str:
+    """A new request id, sent to the client at once as the call's initial metadata."""
+    request_id = new_request_id()
+    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+    return request_id
+
+
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     """The gRPC face of `Admission` and the engine: what is the same for every transport
     (keys, limits, configs, voices, metrics) is done there."""
@@ -212,6 +289,8 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     audio_end_sample=event.audio_end_sample if finished else 0,
                 )
             )
+        if isinstance(event, WordsOut):
+            return tts_pb2.StreamingSynthesizeResponse(words=words_proto(event))
         assert isinstance(event, Summary)
         return tts_pb2.StreamingSynthesizeResponse(
             summary=tts_pb2.SynthesisSummary(
@@ -223,46 +302,9 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 sample_rate_hz=event.sample_rate_hz,
                 encoding=_ENCODING_TO_PROTO[event.encoding],
                 random_weights=event.random_weights,
+                request_id=event.request_id,
             )
         )
-
-    async def _run_session(
-        self, session: SynthesisSession, method: str, context, key: ApiKey | None, reader=None
-    ):
-        """Stream a session's events to the client; always cleans up."""
-        code = ErrorCode.OK
-        stop_blocked_writer(session, asyncio.current_task())
-        try:
-            async with contextlib.aclosing(session.events()) as events:
-                async for event in events:
-                    if isinstance(event, Summary):
-                        self.admission.observe(event)
-                    yield self.to_proto(event)
-        except SessionError as err:
-            code = err.code
-            if reader is not None:  # it drains the client's messages once the session failed
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
-            await context.abort(GRPC_STATUS[err.code], str(err))
-        except (asyncio.CancelledError, GeneratorExit):
-            code = session.error.code if session.error is not None else ErrorCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = ErrorCode.INTERNAL
-            logger.exception("session %s failed", session.id)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        finally:
-            if reader is not None:
-                if not reader.done():  # let it drain the client's last messages first
-                    await asyncio.wait({reader}, timeout=ERROR_DRAIN_S)
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
-            await session.close()
-            self.admission.release(key)
-            self.admission.count(method, code, key)
 
     def _authenticate(self, context) -> ApiKey | None:
         """The caller's key (None when the service is open); raises UNAUTHENTICATED."""
@@ -273,14 +315,17 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                 break
         return self.admission.authenticate(authorization)
 
-    async def _abort(self, context, method: str, err: SessionError, key: ApiKey | None = None):
-        self.admission.count(method, err.code, key)
-        await context.abort(GRPC_STATUS[err.code], str(err))
+    async def _abort(
+        self, context, method: str, request_id: str, err: SessionError, key: ApiKey | None = None
+    ):
+        self.admission.record(method, err.code, key, request_id, f": {err}")
+        await abort(context, err)
 
     # ---- RPCs ----------------------------------------------------------------------------
     async def StreamingSynthesize(self, request_iterator, context):
         method = "StreamingSynthesize"
         key = None
+        request_id = await start_call(context)
         requests = request_iterator.__aiter__()
         try:
             key = self._authenticate(context)
@@ -298,16 +343,21 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
                     "config",
                     f"the first message must be a config, got {kind or 'an empty message'}",
                 )
-            session = await self.admission.open(first.config, key)
+            session = await self.admission.open(first.config, key, request_id)
         except SessionError as err:
             await _drain(requests)
-            await self._abort(context, method, err, key)
+            await self._abort(context, method, request_id, err, key)
         reader = asyncio.get_running_loop().create_task(self._read(requests, session))
-        async with contextlib.aclosing(
-            self._run_session(session, method, context, key, reader)
-        ) as responses:
-            async for response in responses:
-                yield response
+        try:
+            await run_session(
+                self.admission, session, GrpcSink(context), method=method, key=key, reader=reader
+            )
+        finally:
+            if not reader.done():  # let it drain the client's last messages first
+                await asyncio.wait({reader}, timeout=ERROR_DRAIN_S)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
 
     async def _read(self, requests, session: SynthesisSession) -> None:
         """Feed the client's messages into the session; problems fail the session."""
@@ -346,13 +396,14 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     async def Synthesize(self, request, context):
         method = "Synthesize"
         key = None
+        request_id = await start_call(context)
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
                 raise request.error()
-            session = await self.admission.open(request.config, key)
+            session = await self.admission.open(request.config, key, request_id)
         except SessionError as err:
-            await self._abort(context, method, err, key)
+            await self._abort(context, method, request_id, err, key)
         try:
             if not request.text.strip():
                 raise invalid("text", "no text to synthesize")
@@ -360,28 +411,124 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
             session.end_input()
         except SessionError as err:
             session.fail(err)
-        async with contextlib.aclosing(
-            self._run_session(session, method, context, key)
-        ) as responses:
-            async for response in responses:
-                yield response
+        await run_session(self.admission, session, GrpcSink(context), method=method, key=key)
+
+    async def Converse(self, request_iterator, context):
+        method = "Converse"
+        key, conversation = None, None
+        code, detail = ErrorCode.OK, ""
+        request_id = await start_call(context)
+        requests = request_iterator.__aiter__()
+        try:
+            key = self._authenticate(context)
+            try:
+                first = await requests.__anext__()
+            except StopAsyncIteration:
+                raise invalid(
+                    "config", "the stream ended before its first message (a config)"
+                ) from None
+            if isinstance(first, Undecodable):
+                raise first.error()
+            kind = first.WhichOneof("request")
+            if kind != "config":
+                raise invalid(
+                    "config",
+                    f"the first message must be a config, got {kind or 'an empty message'}",
+                )
+            conversation = await Conversation.start(
+                self.admission,
+                first.config,
+                GrpcConversationSink(context),
+                method=method,
+                key=key,
+                request_id=request_id,
+            )
+            settings = self.admission.session_config(conversation.config)
+            await context.write(
+                tts_pb2.ConverseResponse(
+                    ready=tts_pb2.ConversationReady(
+                        conversation_id=request_id,
+                        encoding=_ENCODING_TO_PROTO[settings.encoding],
+                        sample_rate_hz=output_rate(
+                            settings.encoding,
+                            settings.sample_rate_hz,
+                            self.engine.decoder.sample_rate,
+                        ),
+                        word_timestamps=settings.word_timestamps,
+                        random_weights=self.engine.random_weights,
+                    )
+                )
+            )
+            end = await run_conversation(
+                conversation,
+                self._converse_read(requests, conversation),
+                self.admission.conversation_idle_s,
+            )
+            if isinstance(end, SessionError):
+                raise end
+            if end is ConversationEnd.GONE:
+                code = ErrorCode.CANCELLED
+        except SessionError as err:
+            code, detail = err.code, f": {err}"
+            await _drain(requests)
+            await abort(context, err)
+        except asyncio.CancelledError:
+            code = ErrorCode.CANCELLED
+            raise
+        finally:
+            if conversation is not None:
+                detail += f" ({conversation.contexts_opened} contexts)"
+            self.admission.record(method, code, key, request_id, detail)
+
+    @staticmethod
+    async def _converse_read(requests, conversation: Conversation) -> None:
+        """Feed the client's messages into the conversation. A half-close is a close (the
+        contexts open finish); SessionError for a message that ends the conversation."""
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                raise request.error()
+            kind = request.WhichOneof("request")
+            if kind == "config":
+                raise invalid("config", "sent twice; only the first message may be a config")
+            if kind is None:
+                raise invalid("request", "empty message (set one of the request fields)")
+            if request.HasField("context_config") and kind != "text":
+                raise invalid("context_config", "only with a context's first text")
+            if kind == "close":
+                conversation.close()
+                continue
+            context_id = request.context_id
+            if not context_id or len(context_id) > 256:
+                raise invalid("context_id", "required: a string of 1 to 256 characters")
+            if kind == "text":
+                override = request.context_config if request.HasField("context_config") else None
+                await conversation.text(context_id, request.text, override)
+            elif kind == "flush":
+                await conversation.flush(context_id, request.flush.id)
+            elif kind == "end_of_input":
+                await conversation.end(context_id)
+            else:
+                await conversation.cancel(context_id)
+        conversation.close()
+        await asyncio.Event().wait()  # until the player is done: the call ends then
 
     # ---- voices ----------------------------------------------------------------------------
     async def _voice_rpc(self, method: str, request, context, call):
         """Run one voice RPC, mapping each failure to its status and counting the outcome."""
-        code, message, key = ErrorCode.OK, "", None
+        error, key = None, None
+        request_id = await start_call(context)
         try:
             key = self._authenticate(context)
             if isinstance(request, Undecodable):
-                code, message = ErrorCode.INVALID_ARGUMENT, str(request.error())
+                error = request.error()
             else:
                 return await call()
         except Exception as err:
             error = voice_error(method, err)
-            code, message = error.code, str(error)
         finally:
-            self.admission.count(method, code, key)
-        await context.abort(GRPC_STATUS[code], message)
+            code = error.code if error is not None else ErrorCode.OK
+            self.admission.record(method, code, key, request_id, f": {error}" if error else "")
+        await abort(context, error)
 
     async def CreateVoice(self, request, context):
         async def create():
@@ -406,10 +553,11 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
 
     async def ListVoices(self, request, context):
         key = None
+        request_id = await start_call(context)
         try:
             key = self._authenticate(context)
             voices = await self.admission.list_voices()
         except SessionError as err:  # UNAUTHENTICATED, or the voice store down (UNAVAILABLE)
-            await self._abort(context, "ListVoices", err, key)
-        self.admission.count("ListVoices", ErrorCode.OK, key)
+            await self._abort(context, "ListVoices", request_id, err, key)
+        self.admission.record("ListVoices", ErrorCode.OK, key, request_id)
         return voices

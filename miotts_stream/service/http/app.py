@@ -10,6 +10,7 @@ Routes:
     GET    /v1/voices/{voice_id}  one voice
     DELETE /v1/voices/{voice_id}  delete a stored voice
     GET    /v1/stream             the bidirectional WebSocket stream (websocket.py)
+    GET    /v1/conversation       one WebSocket, many utterances (conversation.py)
     GET    /health                200 SERVING or 503 NOT_SERVING, as gRPC health (no key)
 """
 
@@ -33,7 +34,9 @@ from miotts_stream.service.engine import ErrorCode, SessionError
 from miotts_stream.service.options import HttpConnectionOptions
 
 from .connections import ConnectionGuard, GuardedSite
+from .conversation import handle_conversation
 from .errors import error_response
+from .request_ids import request_id_of, request_ids, send_request_id
 from .speech import handle_speech
 from .websocket import handle_stream
 
@@ -110,11 +113,22 @@ class HttpTransport:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self.guard.middleware(), json_errors(self.options.max_request_bytes)],
+            middlewares=[
+                request_ids,
+                self.guard.middleware(),
+                json_errors(self.options.max_request_bytes),
+            ],
             client_max_size=self.options.max_request_bytes,
         )
+        app.on_response_prepare.append(send_request_id)
         stream = partial(
             handle_stream,
+            admission=self.admission,
+            heartbeat_s=self.options.heartbeat_s,
+            max_message_bytes=self.options.max_request_bytes,
+        )
+        conversation = partial(
+            handle_conversation,
             admission=self.admission,
             heartbeat_s=self.options.heartbeat_s,
             max_message_bytes=self.options.max_request_bytes,
@@ -130,6 +144,7 @@ class HttpTransport:
                 web.get("/v1/voices/{voice_id}", self.get_voice),
                 web.delete("/v1/voices/{voice_id}", self.delete_voice),
                 web.get("/v1/stream", stream),
+                web.get("/v1/conversation", conversation),
                 web.get("/health", self.health),
             ]
         )
@@ -170,12 +185,13 @@ class HttpTransport:
         return self.admission.authenticate(request.headers.get("Authorization"))
 
     async def models(self, request: web.Request) -> web.Response:
+        method = "GET /v1/models"
         try:
             key = self._authenticate(request)
         except SessionError as err:
-            self.admission.count("GET /v1/models", err.code, None)
+            self.admission.record(method, err.code, None, request_id_of(request), f": {err}")
             return error_response(err)
-        self.admission.count("GET /v1/models", ErrorCode.OK, key)
+        self.admission.record(method, ErrorCode.OK, key, request_id_of(request))
         engine = self.admission.engine
         model = {
             "id": engine.model_name,
@@ -190,7 +206,7 @@ class HttpTransport:
 
     async def _voice_call(self, method: str, request: web.Request, call, status: int = 200):
         """Authenticate, run `call`, map failures through the shared table, count."""
-        code, key = ErrorCode.OK, None
+        code, key, detail = ErrorCode.OK, None, ""
         try:
             key = self._authenticate(request)
             return web.json_response(await call(), status=status)
@@ -199,10 +215,10 @@ class HttpTransport:
             raise
         except Exception as err:
             error = voice_error(method, err)
-            code = error.code
+            code, detail = error.code, f": {error}"
             return error_response(error)
         finally:
-            self.admission.count(method, code, key)
+            self.admission.record(method, code, key, request_id_of(request), detail)
 
     async def list_voices(self, request: web.Request) -> web.Response:
         async def call():

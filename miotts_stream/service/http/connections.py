@@ -30,6 +30,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
+from miotts_stream.service.admission import new_request_id
 from miotts_stream.service.engine import ErrorCode, SessionError
 from miotts_stream.service.metrics import ServiceMetrics
 from miotts_stream.service.options import HttpConnectionOptions
@@ -62,7 +63,7 @@ EXPIRED = {
 }
 
 
-def _refusal(limit: int) -> bytes:
+def _refusal(limit: int, request_id: str) -> bytes:
     """The whole 503 response for a connection over the cap (sent before any request)."""
     error = SessionError(
         ErrorCode.UNAVAILABLE,
@@ -72,7 +73,8 @@ def _refusal(limit: int) -> bytes:
     status = HTTPStatus.SERVICE_UNAVAILABLE
     head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nX-Request-Id: {request_id}\r\n"
+        "Connection: close\r\n\r\n"
     )
     return head.encode() + body
 
@@ -84,7 +86,6 @@ class ConnectionGuard:
         self.limits = limits
         self.metrics = metrics
         self.connections: dict[asyncio.BaseTransport, GuardedConnection] = {}
-        self._refusal = _refusal(limits.http_max_connections)
 
     def deadline_s(self, phase: Phase) -> float:
         """How long a connection may stay in `phase`; 0: as long as it likes."""
@@ -111,6 +112,12 @@ class ConnectionGuard:
     def discard(self, connection: GuardedConnection) -> None:
         if self.connections.pop(connection.transport, None) is not None and self.metrics:
             self.metrics.http_connections.dec()
+
+    def refusal(self) -> bytes:
+        """The 503 for one connection over the cap, with a request id of its own."""
+        request_id = new_request_id()
+        logger.debug("request %s: refused, over --http-max-connections", request_id)
+        return _refusal(self.limits.http_max_connections, request_id)
 
     def closed(self, reason: CloseReason) -> None:
         if self.metrics is not None:
@@ -150,7 +157,7 @@ class GuardedConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         if not self.guard.admit(self):
             self._refused = True
-            transport.write(self.guard._refusal)  # type: ignore[attr-defined]
+            transport.write(self.guard.refusal())  # type: ignore[attr-defined]
             transport.close()  # after the 503 is out
             return
         self.inner.connection_made(transport)

@@ -28,18 +28,21 @@ from miotts_stream.audio.containers import (
     StreamingFileEncoder,
     wav_stream_header,
 )
-from miotts_stream.service.admission import Admission, invalid, stop_blocked_writer
+from miotts_stream.service.admission import Admission, invalid
 from miotts_stream.service.engine import (
     AudioOut,
     ErrorCode,
+    Event,
     SessionError,
     Summary,
     SynthesisSession,
 )
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
+from miotts_stream.service.runner import run_session
 
 from .errors import error_object, error_response
 from .json_input import check_strings, parse_json
+from .request_ids import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -234,17 +237,15 @@ def _sse(event: dict[str, Any]) -> bytes:
 
 
 class SpeechResponse:
-    """Writes the file as a chunked body or as SSE events; starts the response on the first
-    bytes, so that an error before them can still be a JSON error with its status."""
+    """A session's outcome as the response: the file as a chunked body or as SSE events. The
+    response starts with its first bytes, so that an error before them can still be a JSON
+    error with its status (`response` is what the handler returns)."""
 
-    def __init__(self, request: web.Request, speech: SpeechRequest):
+    def __init__(self, request: web.Request, speech: SpeechRequest, audio: AudioFile):
         self.request = request
         self.speech = speech
+        self.audio = audio
         self.response: web.StreamResponse | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.response is not None
 
     async def _start(self) -> web.StreamResponse:
         if self.response is None:
@@ -264,7 +265,7 @@ class SpeechResponse:
             self.response = response
         return self.response
 
-    async def audio(self, data: bytes) -> None:
+    async def _write(self, data: bytes) -> None:
         if not data:
             return
         response = await self._start()
@@ -274,7 +275,14 @@ class SpeechResponse:
         else:
             await response.write(data)
 
-    async def done(self, summary: Summary) -> web.StreamResponse:
+    async def send(self, event: Event) -> None:
+        if isinstance(event, AudioOut):
+            await self._write(await self.audio.feed(event.audio.data))
+        elif isinstance(event, Summary):
+            await self._write(await self.audio.finish())
+            await self._done(event)
+
+    async def _done(self, summary: Summary) -> None:
         response = await self._start()
         if self.speech.stream_format is StreamFormat.SSE:
             # Usage as OpenAI reports it; here input tokens are the text's characters and output
@@ -287,23 +295,24 @@ class SpeechResponse:
             }
             await response.write(_sse({"type": "speech.audio.done", "usage": usage}))
         await response.write_eof()
-        return response
 
-    async def failed(self, err: SessionError) -> web.StreamResponse:
+    async def fail(self, error: SessionError) -> None:
         if self.response is None:
-            return error_response(err)
+            self.response = error_response(error)
+            return
         if self.speech.stream_format is StreamFormat.SSE:
             with contextlib.suppress(ConnectionError):
-                event = {"type": "error", **error_object(err)}
-                await self.response.write(_sse(event))
-                await self.response.write_eof()
-        elif self.request.transport is not None:
-            self.request.transport.close()  # no terminating chunk: the client sees a cut body
-        return self.response
+                await self.response.write(_sse({"type": "error", **error_object(error)}))
+        # Both formats end without the body's terminating chunk, so the client's HTTP library
+        # reports a cut body: an SSE client that ignores `error` events (LiveKit's OpenAI TTS
+        # does) cannot take the audio so far for the whole of it either.
+        if self.request.transport is not None:
+            self.request.transport.close()
 
 
 async def handle_speech(request: web.Request, admission: Admission) -> web.StreamResponse:
     key = None
+    request_id = request_id_of(request)
     try:
         key = admission.authenticate(request.headers.get("Authorization"))
         body = parse_json(await request.read(), "request body")
@@ -318,10 +327,10 @@ async def handle_speech(request: web.Request, admission: Admission) -> web.Strea
                 "cut off shows); use HTTP/1.1, or stream_format sse",
                 "stream_format",
             )
-            admission.count(METHOD, err.code, key)
+            admission.record(METHOD, err.code, key, request_id, f": {err}")
             return error_response(err, HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
         try:
-            session = await admission.open(speech.config, key)
+            session = await admission.open(speech.config, key, request_id)
         except SessionError as err:
             if err.code is ErrorCode.NOT_FOUND and speech.config.voice.voice_id:
                 known = ", ".join(engine.voices.names())
@@ -333,7 +342,7 @@ async def handle_speech(request: web.Request, admission: Admission) -> web.Strea
                 ) from None
             raise
     except SessionError as err:
-        admission.count(METHOD, err.code, key)
+        admission.record(METHOD, err.code, key, request_id, f": {err}")
         return error_response(err)
     try:
         session.push_text(speech.text)
@@ -350,34 +359,15 @@ async def _stream(
     speech: SpeechRequest,
     key,
 ) -> web.StreamResponse:
-    code = ErrorCode.OK
-    out = SpeechResponse(request, speech)
-    pool = admission.engine.encode_pool
-    audio = AudioFile(speech.response_format, session.encoder.out_rate, pool)
-    stop_blocked_writer(session, asyncio.current_task())
+    audio = AudioFile(
+        speech.response_format, session.encoder.out_rate, admission.engine.encode_pool
+    )
+    out = SpeechResponse(request, speech, audio)
     try:
-        async with contextlib.aclosing(session.events()) as events:
-            async for event in events:
-                if isinstance(event, AudioOut):
-                    await out.audio(await audio.feed(event.audio.data))
-                elif isinstance(event, Summary):
-                    admission.observe(event)
-                    await out.audio(await audio.finish())
-                    return await out.done(event)
-        raise SessionError(ErrorCode.INTERNAL, "the stream ended without a summary")
-    except SessionError as err:
-        code = err.code
-        return await out.failed(err)
-    except (asyncio.CancelledError, ConnectionError):
-        # The client went away (or stopped reading past the stall limit).
-        code = session.error.code if session.error is not None else ErrorCode.CANCELLED
-        raise
-    except Exception:
-        code = ErrorCode.INTERNAL
-        logger.exception("session %s failed", session.id)
-        return await out.failed(SessionError(ErrorCode.INTERNAL, "internal error"))
+        await run_session(admission, session, out, method=METHOD, key=key)
     finally:
         audio.close()
-        await session.close()
-        admission.release(key)
-        admission.count(METHOD, code, key)
+    if out.response is None:  # neither a summary nor an error: never expected
+        logger.error("session %s ended without a summary", session.id)
+        return error_response(SessionError(ErrorCode.INTERNAL, "internal error"))
+    return out.response

@@ -23,20 +23,24 @@ from aiohttp import WSMsgType, hdrs, web
 from google.protobuf import json_format
 
 from miotts_stream.service.access import ApiKey
-from miotts_stream.service.admission import Admission, invalid, stop_blocked_writer
+from miotts_stream.service.admission import Admission, invalid
 from miotts_stream.service.engine import (
     AudioOut,
     ErrorCode,
+    Event,
     SegmentFinished,
     SegmentStarted,
     SessionError,
     Summary,
     SynthesisSession,
+    WordsOut,
 )
 from miotts_stream.service.pb.miotts.v1 import tts_pb2
+from miotts_stream.service.runner import run_session
 
 from .errors import HTTP_ERRORS, CloseCode, error_response
 from .json_input import parse_json
+from .request_ids import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ METHOD = "WS /v1/stream"
 # WebSocket: they offer `bearer.KEY` as a second subprotocol instead (never echoed back).
 SUBPROTOCOL = "miotts.v1"
 BEARER_SUBPROTOCOL = "bearer."
-# Before an error's close, read (and drop) what the client still sends, for up to this long.
-ERROR_DRAIN_S = 0.25
 
 
 class ClientMessage(enum.Enum):
@@ -61,12 +63,13 @@ class ServerMessage(enum.Enum):
     READY = "ready"
     AUDIO = "audio"
     SEGMENT = "segment"
+    WORDS = "words"
     FLUSHED = "flushed"
     SUMMARY = "summary"
     ERROR = "error"
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client closed the connection (or it broke)."""
 
 
@@ -98,10 +101,11 @@ def without_key_protocols(request: web.Request) -> web.Request:
     return request.clone(headers=headers)
 
 
-def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
-    """A client frame as (kind, fields); SessionError naming what is wrong; _ClientGone."""
+def parse_message(message, kinds: type[enum.Enum] = ClientMessage) -> tuple[Any, dict[str, Any]]:
+    """A client frame as (kind, one of `kinds`; fields); SessionError naming what is wrong;
+    ClientGone when the socket closed."""
     if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-        raise _ClientGone
+        raise ClientGone
     if message.type == WSMsgType.BINARY:
         raise SessionError(
             ErrorCode.INVALID_ARGUMENT,
@@ -113,16 +117,17 @@ def parse_message(message) -> tuple[ClientMessage, dict[str, Any]]:
             ErrorCode.INVALID_ARGUMENT, "message: must be a JSON object with a 'type'"
         )
     kind = fields.pop("type", None)
+    allowed = ", ".join(m.value for m in kinds)
     if kind is None:
-        raise invalid("type", "missing (config, text, flush, cancel or end)")
+        raise invalid("type", f"missing ({allowed})")
     try:
-        return ClientMessage(kind), fields
+        return kinds(kind), fields
     except ValueError:
-        allowed = ", ".join(m.value for m in ClientMessage)
         raise invalid("type", f"unknown message type {kind!r} (one of {allowed})") from None
 
 
 def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
+    """A `SynthesisConfig` from its JSON fields; INVALID_ARGUMENT naming `config` otherwise."""
     try:
         return json_format.ParseDict(fields, tts_pb2.SynthesisConfig())
     except json_format.ParseError as err:
@@ -130,7 +135,36 @@ def parse_config(fields: dict[str, Any]) -> tts_pb2.SynthesisConfig:
         raise invalid("config", first_line) from None
 
 
-def _audio_header(event: AudioOut, size: int) -> dict[str, Any]:
+def words_message(event: WordsOut) -> dict[str, Any]:
+    """Word timings: estimates (MioTTS has no aligner; docs/http.md says how they are made),
+    sent before the audio in which each word starts."""
+    return {
+        "type": ServerMessage.WORDS.value,
+        "segment_index": event.segment_index,
+        "estimated": True,
+        "words": [
+            {"word": w.text, "start_sample": w.start_sample, "end_sample": w.end_sample}
+            for w in event.words
+        ],
+    }
+
+
+def segment_message(event: SegmentStarted | SegmentFinished) -> dict[str, Any]:
+    finished = isinstance(event, SegmentFinished)
+    return {
+        "type": ServerMessage.SEGMENT.value,
+        "kind": "finished" if finished else "started",
+        **asdict(event),
+    }
+
+
+def summary_message(event: Summary, kind: str = "summary") -> dict[str, Any]:
+    summary = asdict(event)
+    summary["encoding"] = event.encoding.value
+    return {"type": kind, **summary}
+
+
+def audio_header(event: AudioOut, size: int) -> dict[str, Any]:
     header = {
         "type": ServerMessage.AUDIO.value,
         "sequence": event.sequence,
@@ -147,10 +181,13 @@ def _audio_header(event: AudioOut, size: int) -> dict[str, Any]:
 class StreamConnection:
     """One WebSocket, one session: a reader task feeds the session, this task sends events."""
 
-    def __init__(self, ws: web.WebSocketResponse, admission: Admission, key: ApiKey | None):
+    def __init__(
+        self, ws: web.WebSocketResponse, admission: Admission, key: ApiKey | None, request_id: str
+    ):
         self.ws = ws
         self.admission = admission
         self.key = key
+        self.request_id = request_id
         self._send_lock = asyncio.Lock()
         self._flushes: deque[tuple[int, Any]] = deque()  # (segments needed, client's id)
         self._segments_finished = 0
@@ -161,20 +198,19 @@ class StreamConnection:
             if data is not None:
                 await self.ws.send_bytes(data)
 
-    async def _fail(self, err: SessionError, close_code: CloseCode | None = None) -> None:
+    async def fail(self, err: SessionError) -> None:
+        """Send the error, then close with the code of the shared table."""
         with contextlib.suppress(Exception):
             error = {"type": ServerMessage.ERROR.value, "code": err.code.value, "message": str(err)}
             if err.field is not None:
                 error["field"] = err.field
             await self._send(error)
-        code = close_code or HTTP_ERRORS[err.code].close_code
+        code = HTTP_ERRORS[err.code].close_code
         reason = str(err).encode()[:120].decode(errors="ignore")  # a close reason: <= 123 bytes
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=reason.encode())
 
     async def run(self, idle_timeout_s: float) -> None:
-        session = None
-        code = ErrorCode.OK
         try:
             try:
                 first = await self.ws.receive(timeout=idle_timeout_s or None)
@@ -187,81 +223,54 @@ class StreamConnection:
             kind, fields = parse_message(first)
             if kind is not ClientMessage.CONFIG:
                 raise invalid("config", f"the first message must be a config, got {kind.value}")
-            session = await self.admission.open(parse_config(fields), self.key)
-        except _ClientGone:
-            self.admission.count(METHOD, ErrorCode.CANCELLED, self.key)
+            session = await self.admission.open(parse_config(fields), self.key, self.request_id)
+        except ClientGone:
+            self.admission.record(METHOD, ErrorCode.CANCELLED, self.key, self.request_id)
             return
         except SessionError as err:
-            self.admission.count(METHOD, err.code, self.key)
-            await self._fail(err)
+            self.admission.record(METHOD, err.code, self.key, self.request_id, f": {err}")
+            await self.fail(err)
             return
-        try:
-            code = await self._stream(session)
-        finally:
-            self.admission.release(self.key)
-            self.admission.count(METHOD, code, self.key)
+        await self._stream(session)
 
-    async def _stream(self, session: SynthesisSession) -> ErrorCode:
+    async def _stream(self, session: SynthesisSession) -> None:
         reader = asyncio.get_running_loop().create_task(self._read(session))
-        stop_blocked_writer(session, asyncio.current_task())
-        code = ErrorCode.OK
         try:
-            await self._send(
-                {
-                    "type": ServerMessage.READY.value,
-                    "session_id": session.id,
-                    "encoding": session.config.encoding.value,
-                    "sample_rate_hz": session.encoder.out_rate,
-                    "random_weights": self.admission.engine.random_weights,
-                }
+            with contextlib.suppress(ConnectionError):  # gone before ready: run_session sees it
+                await self._send(
+                    {
+                        "type": ServerMessage.READY.value,
+                        "session_id": session.id,
+                        "encoding": session.config.encoding.value,
+                        "sample_rate_hz": session.encoder.out_rate,
+                        "random_weights": self.admission.engine.random_weights,
+                    }
+                )
+            code = await run_session(
+                self.admission, session, self, method=METHOD, key=self.key, reader=reader
             )
-            async with contextlib.aclosing(session.events()) as events:
-                async for event in events:
-                    await self._send_event(event)
-            if session.cancelled:
-                code = ErrorCode.CANCELLED
-                await self.ws.close(code=CloseCode.NORMAL, message=b"cancelled")
-            else:
-                await self.ws.close(code=CloseCode.NORMAL, message=b"done")
-        except SessionError as err:
-            code = err.code
-            with contextlib.suppress(Exception):  # the reader drops what the client still sends
-                await asyncio.wait_for(asyncio.shield(reader), ERROR_DRAIN_S)
-            await self._fail(err)
-        except (asyncio.CancelledError, ConnectionError):
-            code = session.error.code if session.error is not None else ErrorCode.CANCELLED
-            raise
-        except Exception:
-            code = ErrorCode.INTERNAL
-            logger.exception("session %s failed", session.id)
-            await self._fail(SessionError(ErrorCode.INTERNAL, "internal error"))
+            if code in (ErrorCode.OK, ErrorCode.CANCELLED):
+                reason = b"cancelled" if code is ErrorCode.CANCELLED else b"done"
+                await self.ws.close(code=CloseCode.NORMAL, message=reason)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            await session.close()
-        return code
 
-    async def _send_event(self, event) -> None:
+    # ---- the session's outcome (a SessionSink) --------------------------------------------
+    async def send(self, event: Event) -> None:
         if isinstance(event, AudioOut):
             data = event.audio.data or b"".join(event.audio.packets)
-            await self._send(_audio_header(event, len(data)), data)
+            await self._send(audio_header(event, len(data)), data)
         elif isinstance(event, SegmentStarted | SegmentFinished):
-            finished = isinstance(event, SegmentFinished)
-            message = {
-                "type": ServerMessage.SEGMENT.value,
-                "kind": "finished" if finished else "started",
-                **asdict(event),
-            }
-            await self._send(message)
-            if finished:
+            await self._send(segment_message(event))
+            if isinstance(event, SegmentFinished):
                 self._segments_finished = event.segment_index + 1
                 await self._ack_flushes()
+        elif isinstance(event, WordsOut):
+            await self._send(words_message(event))
         elif isinstance(event, Summary):
-            self.admission.observe(event)
-            summary = asdict(event)
-            summary["encoding"] = event.encoding.value
-            await self._send({"type": ServerMessage.SUMMARY.value, **summary})
+            await self._send(summary_message(event))
 
     async def _ack_flushes(self) -> None:
         done = []
@@ -277,7 +286,7 @@ class StreamConnection:
             while True:
                 try:
                     kind, fields = parse_message(await self.ws.receive())
-                except _ClientGone:
+                except ClientGone:
                     break
                 if kind is ClientMessage.TEXT:
                     text = fields.get("text")
@@ -311,10 +320,11 @@ class StreamConnection:
 async def handle_stream(
     request: web.Request, admission: Admission, *, heartbeat_s: float, max_message_bytes: int
 ) -> web.StreamResponse:
+    request_id = request_id_of(request)
     try:
         key = admission.authenticate(authorization_of(request))
     except SessionError as err:  # refused before the upgrade, as an HTTP error
-        admission.count(METHOD, err.code, None)
+        admission.record(METHOD, err.code, None, request_id, f": {err}")
         return error_response(err)
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
@@ -323,5 +333,5 @@ async def handle_stream(
         compress=False,  # audio does not compress; deflate would only cost CPU
     )
     await ws.prepare(without_key_protocols(request))
-    await StreamConnection(ws, admission, key).run(admission.engine.limits.idle_s)
+    await StreamConnection(ws, admission, key, request_id).run(admission.engine.limits.idle_s)
     return ws

@@ -44,6 +44,11 @@ class TextToSpeechStub:
                 request_serializer=miotts_dot_v1_dot_tts__pb2.SynthesizeRequest.SerializeToString,
                 response_deserializer=miotts_dot_v1_dot_tts__pb2.StreamingSynthesizeResponse.FromString,
                 _registered_method=True)
+        self.Converse = channel.stream_stream(
+                '/miotts.v1.TextToSpeech/Converse',
+                request_serializer=miotts_dot_v1_dot_tts__pb2.ConverseRequest.SerializeToString,
+                response_deserializer=miotts_dot_v1_dot_tts__pb2.ConverseResponse.FromString,
+                _registered_method=True)
         self.ListVoices = channel.unary_unary(
                 '/miotts.v1.TextToSpeech/ListVoices',
                 request_serializer=miotts_dot_v1_dot_tts__pb2.ListVoicesRequest.SerializeToString,
@@ -78,6 +83,19 @@ class TextToSpeechServicer:
 
     def Synthesize(self, request, context):
         """One text, audio streamed back as it is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Converse(self, request_iterator, context):
+        """A conversation: one long-lived stream carrying many utterances ("contexts"), such as a
+        voice agent's turns or a phone call. Config first (once: every context's defaults), then
+        messages naming their context: text (an id not seen before opens a context), flush,
+        end_of_input, cancel; close ends the conversation (OK once its contexts are over).
+        Contexts are spoken in the order they were opened; a later one generates while an
+        earlier one still plays. A context's failure is reported as its error; the conversation
+        goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +143,11 @@ def add_TextToSpeechServicer_to_server(servicer, server):
                     servicer.Synthesize,
                     request_deserializer=miotts_dot_v1_dot_tts__pb2.SynthesizeRequest.FromString,
                     response_serializer=miotts_dot_v1_dot_tts__pb2.StreamingSynthesizeResponse.SerializeToString,
+            ),
+            'Converse': grpc.stream_stream_rpc_method_handler(
+                    servicer.Converse,
+                    request_deserializer=miotts_dot_v1_dot_tts__pb2.ConverseRequest.FromString,
+                    response_serializer=miotts_dot_v1_dot_tts__pb2.ConverseResponse.SerializeToString,
             ),
             'ListVoices': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVoices,
@@ -201,6 +224,33 @@ class TextToSpeech:
             '/miotts.v1.TextToSpeech/Synthesize',
             miotts_dot_v1_dot_tts__pb2.SynthesizeRequest.SerializeToString,
             miotts_dot_v1_dot_tts__pb2.StreamingSynthesizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Converse(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/miotts.v1.TextToSpeech/Converse',
+            miotts_dot_v1_dot_tts__pb2.ConverseRequest.SerializeToString,
+            miotts_dot_v1_dot_tts__pb2.ConverseResponse.FromString,
             options,
             channel_credentials,
             insecure,
