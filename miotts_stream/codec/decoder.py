@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,7 +26,7 @@ from .config import CodecConfig, as_codec_config
 from .layers import GroupStats, Transformer
 from .model import MioCodecDecoderModel
 from .placement import SUPPORTED_DTYPES, Placement, default_device
-from .streaming import PlaybackClock, StreamingOptions, TokenStreamDecoder
+from .streaming import PlaybackClock, StreamingOptions, Timer, TokenStreamDecoder
 from .tokens import check_tokens
 from .voices import check_embedding
 
@@ -234,15 +235,19 @@ class MioCodecDecoder:
         global_embedding: object,
         options: StreamingOptions | None = None,
         clock: PlaybackClock | None = None,
+        timer: Timer = time.perf_counter,
     ) -> TokenStreamDecoder:
         """A streaming decoder for one utterance (see `miotts_stream.codec.streaming`).
 
-        `clock` returns how many seconds of audio the client has buffered; with it, a chunk
-        waiting for right context goes out early when playback would otherwise run dry.
+        `clock` returns how many seconds of audio the client has buffered; with it, planning
+        follows the client: the first window grows while the LLM is fast, later chunks are
+        planned just in time, and a chunk goes out early when playback would otherwise run
+        dry. `timer` is the time those plans read (a simulated one in benchmarks).
         The stream has a batcher of its own (one device slot, eager steps); to decode several
         streams in shared steps (and, on CUDA, replay graphs), open them from one `batcher()`.
         """
-        return self.batcher(cuda_graphs=False, capacity=2).open(global_embedding, options, clock)
+        batcher = self.batcher(cuda_graphs=False, capacity=2)
+        return batcher.open(global_embedding, options, clock, timer)
 
     def batcher(self, *, cuda_graphs: bool | None = None, capacity: int = 64) -> StreamBatcher:
         """A new `StreamBatcher` over this model: it opens streams and decodes their windows
