@@ -155,6 +155,7 @@ class _Segment:
     text: str
     ready_at: float  # when the request that completed this segment arrived
     decode: DecodeStream | None = None  # its audio, once generation has reached it
+    codes: int = 0  # codes pushed into `decode` (final once the next segment's generation runs)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     samples: int | None = None  # codec-rate samples, once all decoded
 
@@ -376,17 +377,17 @@ class SynthesisSession:
     def _client_buffer(self, segment: _Segment) -> ClientBuffer:
         """Seconds of audio the client holds ahead of playback when this segment's stream has
         decoded a given number of samples: audio of earlier segments plus this one's, minus what
-        has played since the first chunk went out (infinite before that, and while an earlier
-        segment is still playing out)."""
+        has played since the first chunk went out (infinite before that).
+
+        Segments are generated one after another, so when this segment decodes, the earlier
+        ones' codes are all in and their audio is known to the sample (a code is
+        `samples_per_token` samples); their streams send it on their own deadlines."""
+        per_code = self.engine.decoder.samples_per_token
 
         def buffered_seconds(decoded_samples: int) -> float:
             if self.first_audio_at is None:
                 return float("inf")
-            before = 0
-            for earlier in self._segment_list[: segment.index]:
-                if earlier.samples is None:
-                    return float("inf")  # an earlier segment is still playing out
-                before += earlier.samples
+            before = per_code * sum(e.codes for e in self._segment_list[: segment.index])
             played = time.perf_counter() - self.first_audio_at
             return (before + decoded_samples) / self.codec_rate - played
 
@@ -416,6 +417,7 @@ class SynthesisSession:
                     # Codes in batches: whatever arrived since the last step, checked at once.
                     while codes := await tokens.next_codes():
                         decode.push(codes)
+                        segment.codes += len(codes)
                 finally:
                     await tokens.aclose()
                     self.generated_tokens += tokens.generated_tokens
