@@ -266,6 +266,7 @@ class TokenStreamDecoder:
         self.timer = timer
         self.codebook_size = geometry.codebook_size
         self.samples_per_token = geometry.samples_per_token
+        self.seconds_per_token = geometry.samples_per_token / geometry.sample_rate
         self.crossfade_samples = min(
             self.samples_per_token,
             round(self.options.crossfade_ms * geometry.sample_rate / 1000),
@@ -350,7 +351,7 @@ class TokenStreamDecoder:
         elif available < chunk_end + opts.lookahead_tokens:
             if buffered * 1000.0 >= opts.min_buffer_ms + 1000.0 * slack_s:
                 return None
-            chunk_end = self._early_chunk_end(start)
+            chunk_end = self._early_chunk_end(start, buffered)
         elif self._just_in_time and buffered * 1000.0 >= opts.plan_buffer_ms + 1000.0 * slack_s:
             return None  # the client holds enough: tokens that come meanwhile widen the window
         return self._window(start, chunk_end)
@@ -399,16 +400,21 @@ class TokenStreamDecoder:
             grow_to = surplus * opts.chunk_cap // (opts.chunk_cap + opts.lookahead_cap)
         return start + max(opts.chunk_tokens, min(opts.chunk_cap, grow_to))
 
-    def _early_chunk_end(self, start: int) -> int:
+    def _early_chunk_end(self, start: int, buffered: float) -> int:
         """The client is about to run dry: a chunk goes out now, the tokens there split between
         the chunk and its right context, `early_lookahead_share` of them as context (right
-        context is what the early chunks lack most), the rest as the chunk, so that it carries
-        audio to cover the next window's decode (a string of tiny chunks, each decoded with its
-        full left context, costs more than real time)."""
+        context is what the early chunks lack most), the rest as the chunk.
+
+        A client already short (the clock below the deadline: the decoder is behind) gets at
+        least the audio that brings its buffer back to the deadline, context or not: a string
+        of tiny chunks, each a window decoded with its full left context, would keep the
+        decoder behind."""
         opts = self.options
         surplus = len(self.tokens) - start
         context = min(opts.lookahead_tokens, int(surplus * opts.early_lookahead_share))
-        chunk = min(opts.chunk_tokens, max(surplus - context, opts.first_chunk_tokens))
+        short_s = opts.min_buffer_ms / 1000.0 - buffered
+        catch_up = math.ceil(short_s / self.seconds_per_token) if short_s > 0 else 0
+        chunk = min(opts.chunk_tokens, max(surplus - context, opts.first_chunk_tokens, catch_up))
         return start + min(chunk, surplus)
 
     # ---- a decoded window ----------------------------------------------------------------
