@@ -138,6 +138,13 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         f"(default {d.demo_arch})",
     )
     engine.add_argument(
+        "--cpu-placement",
+        choices=("auto", "off"),
+        default=d.cpu_placement,
+        help="when the in-process engine and the codec both run on the CPU: auto splits the\n"
+        "cores between the LLM worker and the decoder (default auto)",
+    )
+    engine.add_argument(
         "--exit-on-engine-death",
         action="store_true",
         help="when the engine core dies, exit with status "
@@ -206,8 +213,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         "--codec-dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
         default=d.codec_dtype,
-        help="codec compute precision (default auto: bfloat16 autocast on CUDA as upstream,\n"
-        "float32 on CPU; float32 on CUDA uses TF32 matrix units)",
+        help="codec compute precision of its transformers; the rest stays float32 (default\n"
+        "auto: bfloat16 on CUDA, as upstream, and on CPUs with AVX-512 BF16 or AMX;\n"
+        "float32 on other CPUs; float32 on CUDA uses TF32 matrix units)",
     )
     limits = p.add_argument_group("limits and timeouts (seconds; 0 disables one)")
     limits.add_argument(

