@@ -24,7 +24,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -175,6 +175,7 @@ class SpeechEngine:
         random_weights: bool = False,
         model_name: str = "",
         limits: SessionLimits | None = None,
+        decode_thread_setup: Callable[[], None] | None = None,
     ):
         self.source = source
         self.decoder = decoder
@@ -184,7 +185,9 @@ class SpeechEngine:
         self.random_weights = random_weights
         self.model_name = model_name
         self.limits = limits or SessionLimits()
-        self.scheduler = DecodeScheduler(decoder, max_batch=max_batch)
+        self.scheduler = DecodeScheduler(
+            decoder, max_batch=max_batch, thread_setup=decode_thread_setup
+        )
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: set[SynthesisSession] = set()
         self._watchdog: asyncio.Task | None = None
