@@ -32,6 +32,7 @@ comparison only).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -175,14 +176,21 @@ def simulate(
 # ---- checkpoints and utterances -------------------------------------------------------------
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def checkpoints(codec: str, device: str | None) -> dict[str, Callable[[], MioCodecDecoder]]:
+    """Float32 decoders (the reference); `--dtype` streams the same weights in another."""
     config = FULL_CODEC_CONFIGS[codec]
+    f32 = torch.float32
 
     def recipe(seed: int) -> Callable[[], MioCodecDecoder]:
-        return lambda: MioCodecDecoder.from_config(config, device=device, seed=seed)
+        return lambda: MioCodecDecoder.from_config(config, device=device, dtype=f32, seed=seed)
 
     return {
-        "upstream tiny": lambda: MioCodecDecoder.from_pretrained(TINY_FIXTURES[codec], device),
+        "upstream tiny": lambda: MioCodecDecoder.from_pretrained(
+            TINY_FIXTURES[codec], device, dtype=f32
+        ),
         "recipe seed 0": recipe(0),
         "recipe seed 1": recipe(1),
     }
@@ -195,10 +203,12 @@ def standin_checkpoints(codec: str, device: str | None) -> dict[str, Callable]:
     config = load_config(folder / "config.yaml")
 
     def recipe(seed: int) -> Callable[[], MioCodecDecoder]:
-        return lambda: MioCodecDecoder.from_config(config, device=device, seed=seed)
+        return lambda: MioCodecDecoder.from_config(
+            config, device=device, dtype=torch.float32, seed=seed
+        )
 
     return {
-        "upstream tiny": lambda: MioCodecDecoder.from_pretrained(folder, device),
+        "upstream tiny": lambda: MioCodecDecoder.from_pretrained(folder, device, torch.float32),
         "recipe tiny seed 0": recipe(0),
         "recipe tiny seed 1": recipe(1),
     }
@@ -252,6 +262,7 @@ def regime_name(speed: float | None) -> str:
 
 def measure(
     decoder: MioCodecDecoder,
+    reference_decoder: MioCodecDecoder,
     voice: torch.Tensor,
     variants: dict[str, StreamingOptions],
     lengths: Sequence[int],
@@ -261,7 +272,7 @@ def measure(
     cells = {}
     for length in lengths:
         utts = utterances(length, decoder.codebook_size)
-        references = [decoder.decode(t, voice).numpy() for t in utts]
+        references = [reference_decoder.decode(t, voice).numpy() for t in utts]
         if not all(np.isfinite(r).all() for r in references):
             raise SystemExit("the offline decode is not finite")
         for variant, options in variants.items():
@@ -295,8 +306,17 @@ def run_checkpoints(builders, args, variants, voice) -> Results:
     speeds = [*args.speeds, None] if args.bound else list(args.speeds)
     for name, build in builders.items():
         started = time.perf_counter()
-        decoder = build()
-        results.cells[name] = measure(decoder, voice, variants, args.lengths, speeds)
+        reference = build()  # float32: the offline decode every figure is measured against
+        decoder = reference
+        if args.dtype != "float32":  # the same weights, streamed in reduced precision
+            decoder = MioCodecDecoder(
+                copy.deepcopy(reference.model),
+                device=reference.device,
+                dtype=DTYPES[args.dtype],
+                source=reference.source,
+                random_weights=reference.random_weights,
+            )
+        results.cells[name] = measure(decoder, reference, voice, variants, args.lengths, speeds)
         print(f"  {name}: {decoder.describe()} ({time.perf_counter() - started:.0f} s)", flush=True)
     return results
 
@@ -503,6 +523,12 @@ def main() -> None:
     parser.add_argument("--others", action="store_true")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="compute precision of the streamed decode (the offline reference is float32)",
+    )
     args = parser.parse_args()
     voice = load_voice("en_female")
     variants = {name: VARIANTS[name] for name in args.variants}
@@ -510,6 +536,7 @@ def main() -> None:
     print(
         f"streaming fidelity: tokens one at a time at {', '.join(f'{s:g}x' for s in args.speeds)}"
         f" real time, {UTTERANCES_PER_LENGTH} utterances per length, voice en_female, "
+        f"streamed in {args.dtype} against the float32 offline decode, "
         f"{torch.get_num_threads()} threads"
     )
     for codec in args.codecs:
