@@ -4,7 +4,6 @@ only itself, interrupting and closing a stream."""
 from __future__ import annotations
 
 import asyncio
-import math
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from miotts_stream.service.scheduler import (
     DecodeInterrupted,
     DecodeScheduler,
     DecodeStream,
-    StepCost,
 )
 
 from .conftest import TINY_CODECS
@@ -84,19 +82,3 @@ async def test_interrupt_drops_the_unread_audio_and_close_ends_the_reading(decod
 
 async def collect(stream: DecodeStream) -> list[torch.Tensor]:
     return [chunk async for chunk in stream]
-
-
-def test_step_cost_cuts_steps_only_where_tokens_cost_time():
-    """A step's time, fitted as a fixed part plus a part per token: where a token costs time
-    (the full-size codec on a CPU) a step takes what fits 0.1 s; where the fixed part is all
-    (a GPU, a small codec) batching is free and nothing is cut."""
-    cpu, gpu, flat = StepCost(), StepCost(), StepCost()
-    sizes = (16, 32, 64, 128, 256, 32, 16, 112, 48, 96)
-    assert cpu.tokens_within(0.1) == math.inf  # too few steps to tell yet
-    for tokens in sizes:
-        cpu.add(tokens, 0.05 + 0.0018 * tokens)
-        gpu.add(tokens * 64, 0.005 + 1e-8 * tokens * 64)
-        flat.add(32, 0.02)
-    assert cpu.tokens_within(0.1) == pytest.approx(0.05 / 0.0018)
-    assert gpu.tokens_within(0.1) > 100_000
-    assert flat.tokens_within(0.1) == math.inf  # one step size: no slope to fit

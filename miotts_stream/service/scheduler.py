@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,50 +55,6 @@ logger = logging.getLogger(__name__)
 
 # Without new tokens, re-check playback deadlines this often.
 DEADLINE_POLL_S = 0.01
-# The longest a step should take: every window of a step waits for the whole step. A step's time
-# is fitted over recent steps as a fixed part plus a part per padded token (`StepCost`). Where
-# the fixed part dominates (a GPU, a small codec) batching is nearly free and steps stay large;
-# where a step costs in proportion to its tokens (the full-size codec on a CPU: 4 windows
-# batched save 7% against 4 steps of one), steps are cut short, and the most urgent windows go
-# first instead of every stream waiting for all of them.
-TARGET_STEP_S = 0.1
-
-
-class StepCost:
-    """Step time ~ fixed + per_token * padded tokens, least squares over recent steps (weights
-    fading by `decay` per step)."""
-
-    def __init__(self, decay: float = 0.95, least_steps: int = 8):
-        self.decay = decay
-        self.least_steps = least_steps
-        self.steps = 0
-        self._sums = [0.0] * 5  # weights, x, y, x*x, x*y
-
-    def add(self, tokens: int, seconds: float) -> None:
-        x, y = float(tokens), seconds
-        self._sums = [
-            self.decay * total + value
-            for total, value in zip(self._sums, (1.0, x, y, x * x, x * y), strict=True)
-        ]
-        self.steps += 1
-
-    def tokens_within(self, seconds: float) -> float:
-        """Padded tokens a step can take within `seconds` (infinite until the fit is sound,
-        or where a token costs nothing measurable)."""
-        weight, sx, sy, sxx, sxy = self._sums
-        if self.steps < self.least_steps:
-            return math.inf
-        mean_x, mean_y = sx / weight, sy / weight
-        variance = sxx / weight - mean_x * mean_x
-        if variance <= 1e-9 * max(1.0, mean_x * mean_x):
-            return math.inf  # all steps of one size: nothing to tell the parts apart
-        per_token = (sxy / weight - mean_x * mean_y) / variance
-        if per_token <= 0:
-            return math.inf
-        fixed = max(0.0, mean_y - per_token * mean_x)
-        return max(0.0, seconds - fixed) / per_token
-
-
 # Chunks decoded ahead of a reader before its stream pauses.
 MAX_QUEUED_CHUNKS = 32
 
@@ -232,7 +187,6 @@ class DecodeScheduler:
         self._task: asyncio.Task | None = None
         self._last_poll = 0.0
         self._step_seconds_ema = 0.0  # recent batched-step time
-        self._step_cost = StepCost()
         self.steps = 0
         self.windows_decoded = 0
         self.failed_windows = 0
@@ -284,9 +238,7 @@ class DecodeScheduler:
         return self._batcher.slots_in_use
 
     def _decode_latency_s(self) -> float:
-        """How long a window planned now takes to come out: the step in flight, then its own.
-        (The longest recent step in place of the first term planned earlier, into more and
-        smaller windows: 193 chunks late at 64 tiny-codec streams against 31.)"""
+        """How long a window planned now takes to come out: the step in flight, then its own."""
         return 2 * self._step_seconds_ema
 
     def _wake(self, entry: _Entry | None = None) -> None:
@@ -370,9 +322,8 @@ class DecodeScheduler:
         if steady and not first:
             steady += self._nearly_due({id(e) for *_, e, _ in steady})
         if first:
-            count = min(self.max_batch, self._windows_within_budget(first[0][1].padded_length))
-            chosen = first[:count]
-            rest = [(e, w) for e, w in first[count:]] + [(e, w) for *_, e, w in steady]
+            chosen = first[: self.max_batch]
+            rest = [(e, w) for e, w in first[self.max_batch :]] + [(e, w) for *_, e, w in steady]
         else:
             chosen, rest = self._choose_steady(steady)
         # Windows not chosen are planned again next time (their streams are unchanged).
@@ -410,19 +361,13 @@ class DecodeScheduler:
         shorter = [item for item in steady if item[1] < length]
         longer = [item for item in steady if item[1] > length]
         chosen, rest = [], longer
-        count = min(self.max_batch, self._windows_within_budget(length))
+        count = min(self.max_batch, max(1, self.max_batch_tokens // length))
         for item in same + shorter:
             if len(chosen) < count:
                 chosen.append(item)
             else:
                 rest.append(item)
         return [(e, w) for *_, e, w in chosen], [(e, w) for *_, e, w in rest]
-
-    def _windows_within_budget(self, padded_length: int) -> int:
-        """How many windows of this padded length a step takes (at least one): within the
-        token budget, and within `TARGET_STEP_S` by the step times seen so far."""
-        tokens = min(self.max_batch_tokens, self._step_cost.tokens_within(TARGET_STEP_S))
-        return max(1, int(tokens) // padded_length)
 
     # ---- the loop ------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -443,7 +388,6 @@ class DecodeScheduler:
             self._step_seconds_ema = (
                 elapsed if self.steps == 0 else 0.8 * self._step_seconds_ema + 0.2 * elapsed
             )
-            self._step_cost.add(len(planned) * max(w.padded_length for _, w in planned), elapsed)
             self.steps += 1
             self.windows_decoded += len(planned)
             for entry, outcome in results:
