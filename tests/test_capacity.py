@@ -4,6 +4,7 @@ connection pool, and the load benchmark itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,12 @@ import pytest
 import torch
 from aiohttp import web
 
-from miotts_stream.codec import MioCodecDecoder, StreamingOptions
+from miotts_stream.codec import MioCodecDecoder, StreamingOptions, VoiceLibrary, load_voice
 from miotts_stream.codec.batcher import batch_bucket
 from miotts_stream.llm import OpenAITokenSource, SamplingOptions
 from miotts_stream.llm.standin import StandInPacing, StandInTokenSource
 from miotts_stream.llm.standin_server import StandInServer
+from miotts_stream.service.engine import AudioOut, SessionConfig, SpeechEngine
 from miotts_stream.service.scheduler import DecodeFailed, DecodeScheduler, DecodeStream
 
 from .conftest import TINY_CODECS
@@ -340,3 +342,30 @@ def test_cuda_graph_steps_match_eager_steps():
     for a, b in zip(eager, graphed, strict=True):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= 1e-3  # bf16 autocast: same kernels, same order
+
+
+async def test_a_later_segment_is_planned_just_in_time(tiny_decoder):
+    """A session's first audio is a short first window (nothing plays yet). The client still
+    holds the first sentence's audio when the second one's codes come (the service counts it
+    from the codes), so the second sentence's first window waits for them and comes out long."""
+    engine = SpeechEngine(
+        StandInTokenSource(StandInPacing(rate_hz=400, prefill_s=0.0)), tiny_decoder, VoiceLibrary()
+    )
+    await engine.start()
+    session = engine.open_session(
+        SessionConfig(voice=load_voice("en_female"), sampling=SamplingOptions(max_tokens=50))
+    )
+    try:
+        session.push_text("The first sentence is said here. And then the second one follows it.")
+        session.end_input()
+        firsts: dict[int, int] = {}
+        async with contextlib.aclosing(session.events()) as events:
+            async for event in events:
+                if isinstance(event, AudioOut) and event.segment_index not in firsts:
+                    firsts[event.segment_index] = event.audio.num_samples
+        per_token = tiny_decoder.samples_per_token
+        assert firsts[0] <= 8 * per_token  # the first window: at most 12 tokens, 8 emitted
+        assert firsts[1] >= 20 * per_token  # just in time: a full chunk
+    finally:
+        await session.close()
+        await engine.close()

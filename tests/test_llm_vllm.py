@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -29,9 +31,14 @@ MAX_MODEL_LEN = 512
 TEXT = "こんにちは、今日はいい天気ですね。"
 
 
+# The engine's processes start on one core (as the service's CPU placement starts them).
+CPUS_BEFORE = os.sched_getaffinity(0)
+ENGINE_CPU = min(CPUS_BEFORE)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def source():
-    options = VLLMEngineOptions(max_model_len=MAX_MODEL_LEN, kv_cache_gib=0.25)
+    options = VLLMEngineOptions(max_model_len=MAX_MODEL_LEN, kv_cache_gib=0.25, cpus=(ENGINE_CPU,))
     src = VLLMTokenSource.from_model(ensure_demo_model("tiny"), options)
     yield src
     await src.close()
@@ -56,6 +63,15 @@ async def wait_for_count(src: VLLMTokenSource, expected: int, timeout_s: float =
     while src.num_unfinished_requests() != expected and loop.time() < deadline:
         await asyncio.sleep(0.01)
     return src.num_unfinished_requests()
+
+
+async def test_engine_processes_run_on_the_cores_given(source: VLLMTokenSource) -> None:
+    """`VLLMEngineOptions.cpus`: vLLM's scheduler and worker processes run there (they inherit
+    the mask of the thread that started them), and that thread has its own mask back."""
+    engine = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
+    assert {p.name() for p in engine} >= {"VLLM::EngineCore", "VLLM::Worker"}, engine
+    assert all(p.cpu_affinity() == [ENGINE_CPU] for p in engine)
+    assert os.sched_getaffinity(0) == CPUS_BEFORE
 
 
 async def test_vocabulary_and_prompt(source: VLLMTokenSource) -> None:

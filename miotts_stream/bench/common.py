@@ -44,3 +44,22 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def dry_spells(
+    arrivals: list[float], samples: list[int], rate: int, buffer_s: float
+) -> tuple[int, float]:
+    """(dry spells, seconds dry) of a player that starts `buffer_s` after the first chunk
+    arrives: a chunk that arrives after its samples were due to play is a dry spell, and
+    playback waits for it (so one late chunk counts once, not with every chunk after it)."""
+    if not arrivals:
+        return 0, 0.0
+    play_at = arrivals[0] + buffer_s  # when the next chunk's first sample plays
+    count, dry = 0, 0.0
+    for arrived, n in zip(arrivals, samples, strict=True):
+        if arrived > play_at + 1e-3:
+            count += 1
+            dry += arrived - play_at
+            play_at = arrived
+        play_at += n / rate
+    return count, dry

@@ -1,6 +1,6 @@
 """End to end, client side: the server on its built-in default, 1, 4 and 8 concurrent streams.
 
-    python -m miotts_stream.bench.e2e [--streams 1 4 8] [--seconds 10]
+    python -m miotts_stream.bench.e2e [--streams 1 4 8] [--seconds 10] [--baseline DIR]
 
 Starts `server.py` (built-in default: small demo LLM + full-size 24 kHz codec, random weights)
 as a subprocess on loopback, then per concurrency level runs that many StreamingSynthesize calls
@@ -11,7 +11,10 @@ the demo model ends utterances on its own too), and measures on the client:
   ratio    TTFA / TTLB: how much sooner audio starts than when waiting for everything
            (what request-response serving, as upstream does, would give);
   gaps     between consecutive audio chunks;
-  underruns  chunks that arrive after their playback time, playback starting at the first chunk.
+  underruns  dry spells of a player starting at the first chunk (0 ms), or `--buffer-ms` after
+           it (a dry spell pauses playback until the chunk comes; see bench.common.dry_spells);
+  worst late  the most a chunk came after its playback time, playback starting at the first
+           chunk and never pausing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from miotts_stream.llm.vllm_server import free_port
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
-from .common import table
+from .common import dry_spells, table
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two sentences (two segments), each allowed half of the utterance's tokens.
@@ -69,26 +72,30 @@ def stop_process(process: subprocess.Popen) -> None:
 
 @contextlib.asynccontextmanager
 async def server_subprocess(
-    streams: int, *options: str, startup_timeout: float
+    streams: int, *options: str, startup_timeout: float, root: Path = ROOT
 ) -> AsyncIterator[str]:
-    """`server.py` (built-in default, no metrics, no HTTP) on loopback, serving
-    `streams` concurrent streams; yields its gRPC address once health says SERVING."""
+    """`server.py` of checkout `root` (built-in default, no metrics, HTTP on a free port) on
+    loopback, serving `streams` concurrent streams; yields its gRPC address once health says
+    SERVING."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     command = [
         sys.executable,
-        str(ROOT / "server.py"),
+        str(root / "server.py"),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         "--no-metrics",
-        "--no-http",
+        # A port of its own rather than --no-http / --http-port 0, which older checkouts
+        # (a --baseline) read differently.
+        "--http-port",
+        str(free_port()),
         "--max-streams",
         str(streams),
         *options,
     ]
-    server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy())
+    server = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     try:
         await wait_serving(address, timeout=startup_timeout)
         yield address
@@ -96,7 +103,7 @@ async def server_subprocess(
         stop_process(server)
 
 
-async def one_stream(stub, seconds: float, seed: int) -> dict:
+async def one_stream(stub, seconds: float, seed: int, buffer_s: float) -> dict:
     config = tts_pb2.SynthesisConfig(
         generation=tts_pb2.GenerationOptions(seed=seed, max_tokens=int(25 * seconds / 2))
     )
@@ -123,16 +130,19 @@ async def one_stream(stub, seconds: float, seed: int) -> dict:
         "ttfa": times[0] - sent["last"],
         "ttlb": times[-1] - sent["last"],
         "gaps": np.diff(times),
-        "underruns": int(np.sum(late > 0.001)),
+        "underruns": dry_spells(list(times), list(samples), rate, 0.0)[0],
+        "underruns_buffered": dry_spells(list(times), list(samples), rate, buffer_s)[0],
         "worst_late": float(late.max()),
         "audio_s": samples.sum() / rate,
     }
 
 
-async def run_level(address: str, streams: int, seconds: float) -> list:
+async def run_level(address: str, streams: int, seconds: float, buffer_s: float) -> list:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = tts_pb2_grpc.TextToSpeechStub(channel)
-        return await asyncio.gather(*(one_stream(stub, seconds, i) for i in range(streams)))
+        return await asyncio.gather(
+            *(one_stream(stub, seconds, i, buffer_s) for i in range(streams))
+        )
 
 
 def summarize(streams: int, results: list[dict]) -> list:
@@ -149,39 +159,56 @@ def summarize(streams: int, results: list[dict]) -> list:
         f"{np.percentile(gaps, 50):.0f}",
         f"{gaps.max():.0f}",
         sum(r["underruns"] for r in results),
+        sum(r["underruns_buffered"] for r in results),
         f"{max(r['worst_late'] for r in results) * 1000:.0f}",
     ]
 
 
-async def main_async(args) -> None:
+async def run_checkout(args, root: Path) -> list[list]:
+    """The levels against `root`'s server; rows labelled with the checkout."""
     most = max(args.streams) + 2
-    async with server_subprocess(most, startup_timeout=args.startup_timeout) as address:
-        await run_level(address, 1, 2.0)  # warm-up
-        rows = []
+    buffer_s = args.buffer_ms / 1000
+    label = "this checkout" if root == ROOT else f"baseline {root.name}"
+    rows = []
+    async with server_subprocess(
+        most, *args.server_arg, startup_timeout=args.startup_timeout, root=root
+    ) as address:
+        await run_level(address, 1, 2.0, buffer_s)  # warm-up
         for streams in args.streams:
-            rows.append(summarize(streams, await run_level(address, streams, args.seconds)))
-        print(
-            f"\nend to end, built-in default (random weights), {os.cpu_count()} CPUs, "
-            f"up to {args.seconds:.0f} s per utterance (the demo model ends some sooner), "
-            "PCM 24 kHz"
+            results = await run_level(address, streams, args.seconds, buffer_s)
+            rows.append([label, *summarize(streams, results)])
+    return rows
+
+
+async def main_async(args) -> None:
+    rows = []
+    if args.baseline:
+        rows += await run_checkout(args, Path(args.baseline).resolve())
+    rows += await run_checkout(args, ROOT)
+    print(
+        f"\nend to end, built-in default (random weights), {os.cpu_count()} CPUs, "
+        f"up to {args.seconds:.0f} s per utterance (the demo model ends some sooner), "
+        "PCM 24 kHz"
+    )
+    print(
+        table(
+            [
+                "server",
+                "streams",
+                "audio s",
+                "TTFA p50 ms",
+                "TTFA p95 ms",
+                "TTLB p50 ms",
+                "TTFA/TTLB",
+                "gap p50 ms",
+                "gap max ms",
+                "underruns 0 ms",
+                f"underruns {args.buffer_ms:g} ms",
+                "worst late ms",
+            ],
+            rows,
         )
-        print(
-            table(
-                [
-                    "streams",
-                    "audio s",
-                    "TTFA p50 ms",
-                    "TTFA p95 ms",
-                    "TTLB p50 ms",
-                    "TTFA/TTLB",
-                    "gap p50 ms",
-                    "gap max ms",
-                    "underruns",
-                    "worst late ms",
-                ],
-                rows,
-            )
-        )
+    )
 
 
 def main() -> None:
@@ -189,6 +216,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="*", default=[1, 4, 8])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--buffer-ms", type=float, default=150.0)
+    parser.add_argument(
+        "--baseline", default=None, help="another checkout to measure first, for comparison"
+    )
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra server.py argument (repeat)"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from miotts_stream.llm.vllm_server import free_port
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
-from .common import table
+from .common import dry_spells, table
 from .e2e import stop_process, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,17 +67,7 @@ class StreamResult:
 
     def underruns(self, buffer_s: float) -> tuple[int, float]:
         """(dry spells, seconds dry) of a player starting `buffer_s` after the first chunk."""
-        if not self.arrivals:
-            return 0, 0.0
-        play_at = self.arrivals[0] + buffer_s  # when the next chunk's first sample plays
-        count, dry = 0, 0.0
-        for arrived, n in zip(self.arrivals, self.samples, strict=True):
-            if arrived > play_at + 1e-3:
-                count += 1
-                dry += arrived - play_at
-                play_at = arrived
-            play_at += n / self.rate
-        return count, dry
+        return dry_spells(self.arrivals, self.samples, self.rate, buffer_s)
 
 
 async def one_stream(stub, config: tts_pb2.SynthesisConfig, timeout: float) -> StreamResult:
@@ -348,7 +338,7 @@ async def run_levels(args, root: Path) -> list[list]:
     return [[label, *row] for row in rows]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, nargs="*", default=[1, 16, 64])
     parser.add_argument("--rate", type=float, default=50.0, help="codes/s per stream")
@@ -375,7 +365,11 @@ def main() -> None:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra server.py argument (repeat)"
     )
-    asyncio.run(main_async(parser.parse_args()))
+    return parser
+
+
+def main() -> None:
+    asyncio.run(main_async(build_parser().parse_args()))
 
 
 if __name__ == "__main__":

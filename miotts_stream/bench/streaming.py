@@ -1,135 +1,414 @@
-"""Streaming decode fidelity and cost, ours beside other projects' strategies.
+"""Streaming decode fidelity and cost in the regimes the service sees.
 
-    python -m miotts_stream.bench.streaming [--tokens 250] [--codecs 24kHz] [--no-throughput]
+    python -m miotts_stream.bench.streaming [--codecs 24kHz 44.1kHz-v2] [--lengths 2 4 10]
+        [--speeds 8 4 1.5] [--variants default before] [--check-standin] [--others]
 
-For both codecs (full-size, random weights) and three checkpoints each (two seeds of the
-package's random recipe and one with PyTorch's default module initialisation, so that no
-figure rests on one lucky checkpoint), and two arrival regimes:
-  fast      all tokens available at once (a GPU LLM);
-  realtime  tokens arrive at 1.5x real time; playback starts with the first chunk, and our
-            streams see the client's buffer through a simulated clock.
-prints, per checkpoint, tokens received before the first audio, LSD (dB) and SNR (dB) against
-the offline decode of the same tokens, seams, and decode compute: window tokens decoded per
-token of audio (padded as computed; deterministic) and decode seconds per second of audio
-(timed). Then the mean over checkpoints, and per-chunk decode time and chunks per second at
-batch 1, 8 and 32, and the cost of a chunk at the 2nd and at the 60th second.
+The service never has all of an utterance's tokens at once: an LLM hands them over one per
+step. So tokens arrive here one at a time at R times real time (token i at i / (25 R) s of a
+simulated clock), and the stream sees its client's buffer through the playback clock the
+service gives it (playback starts with the first chunk; a chunk that comes after the buffer ran
+dry pauses playback, counted as a dry spell). Decoding takes no simulated time: what is
+measured is planning, not this machine's speed. "All at once" (every token there before the
+first window is planned, no clock) is printed as a bound only.
 
-The other strategies are re-implemented here from their public descriptions, for comparison only.
+Per codec, utterance length (2, 4, 10 s) and regime, over several checkpoints:
+  LSD        log-spectral distance (dB) against the offline decode of the same tokens, over
+             the utterance and by stretch of it (the first seconds are where the error is);
+  first      tokens received, and simulated ms since generation began, at the first audio;
+  win/audio  window tokens decoded (padded, as computed) per token of audio: the decode cost;
+  dry        dry spells of the simulated client.
+
+Checkpoints: `upstream tiny` (the shared fixture the upstream code built, random weights,
+small widths) and the full-size released architecture with this package's seeded random recipe
+(`recipe seed 0`, `recipe seed 1`). `--check-standin` first shows that the recipe stands in for
+the upstream build: the same tiny architecture with the recipe's weights beside the upstream
+checkpoint, same utterances and regimes.
+
+`--variants` compares streaming options (see VARIANTS) in one table; `--others` adds other
+projects' fixed schedules on the 10 s utterance (re-implemented from their descriptions, for
+comparison only).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from miotts_stream.audio.quality import lsd_db, seam_jumps, snr_db
-from miotts_stream.codec import (
-    MioCodecDecoder,
-    StatisticsMode,
-    StreamingOptions,
-    TokenStreamDecoder,
-    load_config,
-    load_voice,
-)
-from miotts_stream.codec.model import MioCodecDecoderModel
+from miotts_stream.audio.quality import lsd_db, seam_jumps
+from miotts_stream.codec import MioCodecDecoder, StatisticsMode, StreamingOptions, load_voice
+from miotts_stream.codec.config import load_config
 
 from .common import FULL_CODEC_CONFIGS, median, table
 
-ARRIVAL_SPEEDUP = 1.5  # "realtime" regime: tokens arrive at 1.5x real time
+TINY_FIXTURES = {
+    "24kHz": Path(__file__).resolve().parents[2] / "tests/fixtures/miocodec/tiny-24khz",
+    "44.1kHz-v2": Path(__file__).resolve().parents[2] / "tests/fixtures/miocodec/tiny-44khz",
+}
+SPEEDS = (8.0, 4.0, 1.5)
+LENGTHS_S = (2, 4, 10)
+UTTERANCES_PER_LENGTH = 2  # different token sequences, so no figure rests on one
+POLL_S = 0.01  # the service's scheduler re-plans this often while tokens are pending
+TOKEN_RATE = 25
+
+# Stretches of an utterance whose LSD is reported on its own (seconds).
+STRETCHES = {
+    2: ((0, 0.16), (0.16, 0.5), (0.5, 1), (1, 2)),
+    4: ((0, 0.5), (0.5, 1), (1, 2), (2, 4)),
+    10: ((0, 1), (1, 2), (2, 4), (4, 7), (7, 10)),
+}
+
+VARIANTS: dict[str, StreamingOptions] = {
+    "default": StreamingOptions(),
+    # The planning before issue 20: first audio from 6 tokens, a chunk planned as soon as its
+    # lookahead is there.
+    "before": StreamingOptions(
+        plan_buffer_ms=0,
+        first_wait_ms=0,
+        min_buffer_ms=150,
+        early_lookahead_share=0.5,
+        groupnorm_stats=StatisticsMode.ACCUMULATED,
+    ),
+    "accumulated statistics": StreamingOptions(groupnorm_stats=StatisticsMode.ACCUMULATED),
+    "no just in time": StreamingOptions(plan_buffer_ms=0),
+    "first window of 6": StreamingOptions(first_wait_ms=0),
+    "deadline 150 ms": StreamingOptions(min_buffer_ms=150, plan_buffer_ms=300),
+    "early context 1/2": StreamingOptions(early_lookahead_share=0.5),
+}
 
 
 @dataclass
 class Run:
     audio: np.ndarray
     first_audio_tokens: int  # tokens received when the first audio came out
+    first_audio_s: float  # simulated seconds since generation began, at the first audio
     seams: list[int]
-    window_tokens: int | None = None  # ours: tokens decoded, windows padded as computed
-    decode_seconds: float | None = None  # ours: time spent decoding windows
+    window_tokens: int  # tokens decoded, windows padded as computed
+    dry_spells: int = 0
+
+    def window_tokens_per_token(self, tokens: int) -> float:
+        return self.window_tokens / tokens
 
 
-# ---- our streams -------------------------------------------------------------------------
+class SimulatedClient:
+    """The simulated time, and a client that plays the audio from its first chunk on."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self.now = 0.0
+        self.play_start: float | None = None
+        self.emitted = 0  # samples sent
+        self.dry_spells = 0
+
+    def buffered_seconds(self) -> float:
+        if self.play_start is None:
+            return math.inf
+        return self.emitted / self.sample_rate - (self.now - self.play_start)
+
+    def receive(self, samples: int) -> None:
+        if self.play_start is None:
+            self.play_start = self.now
+        elif self.buffered_seconds() < 0:  # playback ran dry and waited for this chunk
+            self.dry_spells += 1
+            self.play_start = self.now - self.emitted / self.sample_rate
+        self.emitted += samples
 
 
-def first_audio_tokens(decoder, tokens, voice, options) -> int:
-    """Push token by token (no clock) and count tokens until audio comes out."""
-    stream = decoder.stream(voice, options)
-    for i in range(len(tokens)):
-        if stream.push(tokens[i : i + 1]):
-            return i + 1
-    return len(tokens)
+def simulate(
+    decoder: MioCodecDecoder,
+    tokens: torch.Tensor,
+    voice: torch.Tensor,
+    options: StreamingOptions,
+    speed: float | None,
+) -> Run:
+    """Tokens arriving one at a time at `speed` x real time (None: all at once, no clock)."""
+    client = SimulatedClient(decoder.sample_rate)
+    clock = None if speed is None else client.buffered_seconds
+    stream = decoder.stream(voice, options, clock=clock, timer=lambda: client.now)
+    bucket = options.window_bucket_tokens
+    chunks: list[torch.Tensor] = []
+    state = {"window_tokens": 0, "first": None}
 
+    def drain() -> None:
+        while (window := stream.next_window()) is not None:
+            state["window_tokens"] += bucket * math.ceil(window.length / bucket)
+            for chunk in stream.batcher.decode([window]):
+                if state["first"] is None:
+                    state["first"] = (len(stream.tokens), client.now)
+                client.receive(chunk.numel())
+                chunks.append(chunk)
 
-class _MeteredStream:
-    """Drives one stream window by window, counting decoded window tokens and decode time."""
-
-    def __init__(self, stream: TokenStreamDecoder):
-        self.stream = stream
-        self.window_tokens = 0
-        self.decode_seconds = 0.0
-
-    def drain(self) -> list[torch.Tensor]:
-        bucket = self.stream.options.window_bucket_tokens
-        chunks = []
-        while (window := self.stream.next_window()) is not None:
-            start = time.perf_counter()
-            chunks += self.stream.batcher.decode([window])
-            self.decode_seconds += time.perf_counter() - start
-            self.window_tokens += bucket * math.ceil(window.length / bucket)
-        return chunks
-
-
-def ours(decoder, tokens, voice, regime: str, options: StreamingOptions) -> Run:
-    spt = decoder.samples_per_token
-    if regime == "fast":
-        metered = _MeteredStream(decoder.stream(voice, options))
-        metered.stream.push_tokens(tokens)
-        chunks = metered.drain()
-        metered.stream.mark_finished()
-        chunks += metered.drain()
-        first = first_audio_tokens(decoder, tokens, voice, options)
+    count = len(tokens)
+    if speed is None:
+        stream.push_tokens(tokens)
+        drain()
     else:
-        rate = decoder.token_rate * ARRIVAL_SPEEDUP
-        state = {"now": 0.0, "first_emit": None}
-
-        def buffered_seconds() -> float:
-            if state["first_emit"] is None:
-                return float("inf")
-            played = state["now"] - state["first_emit"]
-            return metered.stream.emitted_samples / decoder.sample_rate - played
-
-        metered = _MeteredStream(decoder.stream(voice, options, clock=buffered_seconds))
-        chunks, first = [], None
-        for i in range(len(tokens)):
-            state["now"] = (i + 1) / rate
-            metered.stream.push_tokens(tokens[i : i + 1])
-            out = metered.drain()
-            if out and first is None:
-                first, state["first_emit"] = i + 1, state["now"]
-            chunks += out
-        metered.stream.mark_finished()
-        chunks += metered.drain()
-    seams = list(np.cumsum([c.numel() for c in chunks])[:-1])
+        interval = 1.0 / (TOKEN_RATE * speed)
+        arrived, next_poll = 0, POLL_S
+        while arrived < count:
+            next_token = (arrived + 1) * interval
+            if next_poll < next_token - 1e-12:
+                client.now = next_poll
+                next_poll += POLL_S
+            else:
+                client.now = next_token
+                stream.push_tokens(tokens[arrived : arrived + 1])
+                arrived += 1
+            drain()
+    stream.mark_finished()
+    drain()
+    assert stream.done
     audio = torch.cat(chunks).numpy()
-    assert len(audio) == spt * len(tokens)
-    return Run(audio, first, seams, metered.window_tokens, metered.decode_seconds)
+    assert len(audio) == decoder.samples_per_token * count
+    seams = list(np.cumsum([c.numel() for c in chunks])[:-1])
+    first_tokens, first_at = state["first"]
+    return Run(audio, first_tokens, first_at, seams, state["window_tokens"], client.dry_spells)
+
+
+# ---- checkpoints and utterances -------------------------------------------------------------
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoints(codec: str, device: str | None) -> dict[str, Callable[[], MioCodecDecoder]]:
+    """Float32 decoders (the reference); `--dtype` streams the same weights in another."""
+    config = FULL_CODEC_CONFIGS[codec]
+    f32 = torch.float32
+
+    def recipe(seed: int) -> Callable[[], MioCodecDecoder]:
+        return lambda: MioCodecDecoder.from_config(config, device=device, dtype=f32, seed=seed)
+
+    return {
+        "upstream tiny": lambda: MioCodecDecoder.from_pretrained(
+            TINY_FIXTURES[codec], device, dtype=f32
+        ),
+        "recipe seed 0": recipe(0),
+        "recipe seed 1": recipe(1),
+    }
+
+
+def standin_checkpoints(codec: str, device: str | None) -> dict[str, Callable]:
+    """The tiny architecture twice: as the upstream code built it, and with this package's
+    random recipe (two seeds)."""
+    folder = TINY_FIXTURES[codec]
+    config = load_config(folder / "config.yaml")
+
+    def recipe(seed: int) -> Callable[[], MioCodecDecoder]:
+        return lambda: MioCodecDecoder.from_config(
+            config, device=device, dtype=torch.float32, seed=seed
+        )
+
+    return {
+        "upstream tiny": lambda: MioCodecDecoder.from_pretrained(folder, device, torch.float32),
+        "recipe tiny seed 0": recipe(0),
+        "recipe tiny seed 1": recipe(1),
+    }
+
+
+def utterances(seconds: int, codebook_size: int) -> list[torch.Tensor]:
+    return [
+        torch.randint(
+            0,
+            codebook_size,
+            (TOKEN_RATE * seconds,),
+            generator=torch.Generator().manual_seed(1000 * seconds + i),
+        )
+        for i in range(UTTERANCES_PER_LENGTH)
+    ]
+
+
+# ---- measuring ----------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One (checkpoint, variant, length, regime): means over the utterances."""
+
+    lsd: float
+    stretches: list[float]
+    first_tokens: int  # the most over the utterances
+    first_ms: float
+    window_per_token: float
+    dry: int
+
+
+@dataclass
+class Results:
+    """cells[checkpoint][variant, length, regime]"""
+
+    cells: dict[str, dict[tuple[str, int, str], Cell]] = field(default_factory=dict)
+
+    def mean(self, variant: str, length: int, regime: str, attr: str, names=None) -> float:
+        names = names or list(self.cells)
+        return statistics.mean(getattr(self.cells[n][variant, length, regime], attr) for n in names)
+
+    def mean_stretches(self, variant: str, length: int, regime: str) -> list[float]:
+        rows = [self.cells[n][variant, length, regime].stretches for n in self.cells]
+        return [statistics.mean(col) for col in zip(*rows, strict=True)]
+
+
+def regime_name(speed: float | None) -> str:
+    return "all at once (bound)" if speed is None else f"{speed:g}x"
+
+
+def measure(
+    decoder: MioCodecDecoder,
+    reference_decoder: MioCodecDecoder,
+    voice: torch.Tensor,
+    variants: dict[str, StreamingOptions],
+    lengths: Sequence[int],
+    speeds: Sequence[float | None],
+) -> dict[tuple[str, int, str], Cell]:
+    rate = decoder.sample_rate
+    cells = {}
+    for length in lengths:
+        utts = utterances(length, decoder.codebook_size)
+        references = [reference_decoder.decode(t, voice).numpy() for t in utts]
+        if not all(np.isfinite(r).all() for r in references):
+            raise SystemExit("the offline decode is not finite")
+        for variant, options in variants.items():
+            for speed in speeds:
+                runs = [simulate(decoder, t, voice, options, speed) for t in utts]
+                lsd = [lsd_db(r.audio, ref, rate) for r, ref in zip(runs, references, strict=True)]
+                stretches = []
+                for a, b in STRETCHES.get(length, ((0, length),)):
+                    lo, hi = round(a * rate), round(b * rate)
+                    stretches.append(
+                        statistics.mean(
+                            lsd_db(r.audio[lo:hi], ref[lo:hi], rate)
+                            for r, ref in zip(runs, references, strict=True)
+                        )
+                    )
+                cells[variant, length, regime_name(speed)] = Cell(
+                    lsd=statistics.mean(lsd),
+                    stretches=stretches,
+                    first_tokens=max(r.first_audio_tokens for r in runs),
+                    first_ms=max(r.first_audio_s for r in runs) * 1000,
+                    window_per_token=statistics.mean(
+                        r.window_tokens_per_token(len(t)) for r, t in zip(runs, utts, strict=True)
+                    ),
+                    dry=sum(r.dry_spells for r in runs),
+                )
+    return cells
+
+
+def run_checkpoints(builders, args, variants, voice) -> Results:
+    results = Results()
+    speeds = [*args.speeds, None] if args.bound else list(args.speeds)
+    for name, build in builders.items():
+        started = time.perf_counter()
+        reference = build()  # float32: the offline decode every figure is measured against
+        decoder = reference
+        if args.dtype != "float32":  # the same weights, streamed in reduced precision
+            decoder = MioCodecDecoder(
+                copy.deepcopy(reference.model),
+                device=reference.device,
+                dtype=DTYPES[args.dtype],
+                source=reference.source,
+                random_weights=reference.random_weights,
+            )
+        results.cells[name] = measure(decoder, reference, voice, variants, args.lengths, speeds)
+        print(f"  {name}: {decoder.describe()} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return results
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def main_table(results: Results, variant: str, lengths, speeds) -> str:
+    names = list(results.cells)
+    rows = []
+    for length in lengths:
+        for regime in map(regime_name, speeds):
+            cells = [results.cells[n][variant, length, regime] for n in names]
+            rows.append(
+                [
+                    f"{length} s",
+                    regime,
+                    *(f"{c.lsd:.2f}" for c in cells),
+                    f"{statistics.mean(c.lsd for c in cells):.2f}",
+                    max(c.first_tokens for c in cells),
+                    f"{max(c.first_ms for c in cells):.0f}",
+                    f"{statistics.mean(c.window_per_token for c in cells):.2f}",
+                    sum(c.dry for c in cells),
+                ]
+            )
+    headers = [
+        "utterance",
+        "regime",
+        *(f"LSD {n}" for n in names),
+        "LSD mean",
+        "first: tokens",
+        "first: ms",
+        "win/audio tok",
+        "dry",
+    ]
+    return table(headers, rows)
+
+
+def stretch_table(results: Results, variant: str, length: int, speeds) -> str:
+    spans = STRETCHES.get(length, ((0, length),))
+    rows = [
+        [
+            regime_name(s),
+            *(f"{v:.2f}" for v in results.mean_stretches(variant, length, regime_name(s))),
+        ]
+        for s in speeds
+    ]
+    headers = ["regime", *(f"{a:g}-{b:g} s" for a, b in spans)]
+    return table(headers, rows)
+
+
+def variants_table(results: Results, variants, lengths, speeds) -> str:
+    rows = []
+    for variant in variants:
+        row = [variant]
+        for speed in speeds:
+            regime = regime_name(speed)
+            row += [f"{results.mean(variant, n, regime, 'lsd'):.2f}" for n in lengths]
+            cost = statistics.mean(
+                results.mean(variant, n, regime, "window_per_token") for n in lengths
+            )
+            row.append(f"{cost:.2f}")
+        row.append(
+            max(
+                results.cells[n][variant, lengths[0], regime_name(s)].first_tokens
+                for n in results.cells
+                for s in speeds
+            )
+        )
+        rows.append(row)
+    headers = ["variant"]
+    for speed in speeds:
+        headers += [f"{regime_name(speed)} {n} s" for n in lengths] + [
+            f"{regime_name(speed)} win/tok"
+        ]
+    headers.append("first: tokens")
+    return table(headers, rows)
 
 
 # ---- other projects' strategies (bench only) --------------------------------------------------
 
 
-def independent_chunks(decoder, tokens, voice, chunk=60) -> Run:
+def _seams(parts) -> list[int]:
+    return list(np.cumsum([len(p) for p in parts])[:-1])
+
+
+def independent_chunks(decoder, tokens, voice, chunk=60):
     parts = [decoder.decode(tokens[i : i + chunk], voice) for i in range(0, len(tokens), chunk)]
-    return Run(torch.cat(parts).numpy(), min(chunk, len(tokens)), _seams(parts))
+    return torch.cat(parts).numpy(), min(chunk, len(tokens)), _seams(parts)
 
 
-def left_context_crossfade(decoder, tokens, voice, chunk=50, context=5, fade_ms=50.0) -> Run:
+def left_context_crossfade(decoder, tokens, voice, chunk=50, context=5, fade_ms=50.0):
     """Chunks decoded with a little left context; each chunk's last `fade` samples are held back
     and crossfaded with the next window's left-context samples covering the same time."""
     spt = decoder.samples_per_token
@@ -147,165 +426,56 @@ def left_context_crossfade(decoder, tokens, voice, chunk=50, context=5, fade_ms=
         keep = body if last else body[:-fade]
         held = None if last else body[-fade:]
         parts.append(keep)
-    return Run(torch.cat(parts).numpy(), min(chunk, len(tokens)), _seams(parts))
+    return torch.cat(parts).numpy(), min(chunk, len(tokens)), _seams(parts)
 
 
-def prefix_redecode(decoder, tokens, voice, every=32, hold=6, fade_ms=0.0) -> Run:
-    """Re-decode the whole prefix every `every` tokens and emit all but the last `hold`
-    tokens; optionally crossfade with the previous decode's samples past the emitted point."""
+def prefix_redecode(decoder, tokens, voice, every=32, hold=6):
+    """Re-decode the whole prefix every `every` tokens and emit all but the last `hold`."""
     spt = decoder.samples_per_token
-    fade = round(fade_ms * decoder.sample_rate / 1000)
-    parts, emitted, prev, first = [], 0, None, None
+    parts, emitted, first = [], 0, None
     n = len(tokens)
-    marks = [*list(range(every, n, every)), n]
-    for mark in marks:
+    for mark in [*range(every, n, every), n]:
         wave = decoder.decode(tokens[:mark], voice)
-        final = mark == n
-        end = mark * spt if final else max(0, (mark - hold) * spt)
+        end = mark * spt if mark == n else max(0, (mark - hold) * spt)
         if end <= emitted:
             continue
-        piece = wave[emitted:end].clone()
-        if prev is not None and fade:
-            overlap = min(fade, len(piece), len(prev) - emitted)
-            if overlap > 0:
-                ramp = torch.linspace(0, 1, overlap)
-                piece[:overlap] = (
-                    prev[emitted : emitted + overlap] * (1 - ramp) + piece[:overlap] * ramp
-                )
-        parts.append(piece)
-        emitted, prev = end, wave
-        first = first or mark
-    return Run(torch.cat(parts).numpy(), first, _seams(parts))
-
-
-def _seams(parts) -> list[int]:
-    return list(np.cumsum([len(p) for p in parts])[:-1])
+        parts.append(wave[emitted:end])
+        emitted, first = end, first or mark
+    return torch.cat(parts).numpy(), first, _seams(parts)
 
 
 OTHERS: dict[str, Callable] = {
     "independent 60-token chunks (any-miotts)": independent_chunks,
     "50-token chunks, 5 left ctx, 50 ms xfade (SSE fork)": left_context_crossfade,
     "prefix re-decode /32, hold 6 (Indic server)": prefix_redecode,
-    "prefix re-decode /20, hold 32, 30 ms xfade (llama.cpp port)": lambda d, t, v: prefix_redecode(
-        d, t, v, every=20, hold=32, fade_ms=30.0
-    ),
 }
 
-OUR_SETTINGS: dict[str, StreamingOptions] = {
-    "ours: defaults (adaptive window)": StreamingOptions(),
-    "ours: fixed window (defaults before issue 9)": StreamingOptions(
-        max_lookahead_tokens=0, max_chunk_tokens=0
-    ),
-    "ours: window-only GroupNorm stats": StreamingOptions(groupnorm_stats=StatisticsMode.WINDOW),
-}
-# Settings measured on the first checkpoint of each codec only (to keep the bench short).
-FIRST_CHECKPOINT_ONLY = ("ours: window-only GroupNorm stats",)
-REGIMES = ("fast", "realtime")
-HEADERS = [
-    "strategy",
-    "regime",
-    "tokens→1st audio",
-    "LSD dB",
-    "SNR dB",
-    "chunks",
-    "max seam jump / p99.9",
-    "window tok / audio tok",
-    "decode s / audio s",
-]
 
-
-def fidelity_rows(decoder, tokens, voice, reference, others: bool) -> tuple[list[list], dict]:
-    """Table rows for one checkpoint, and {(setting, regime): (LSD, window tok / audio tok,
-    tokens before the first audio)}."""
-    audio_seconds = len(tokens) / decoder.token_rate
-    rows, ours_lsd = [], {}
-
-    def add(label, regime, run: Run):
-        jump, p999 = seam_jumps(run.audio, run.seams)
-        lsd = lsd_db(run.audio, reference, decoder.sample_rate)
-        per_token = None if run.window_tokens is None else run.window_tokens / len(tokens)
+def others_table(decoder, voice, seconds: int = 10) -> str:
+    tokens = utterances(seconds, decoder.codebook_size)[0]
+    reference = decoder.decode(tokens, voice).numpy()
+    rows = []
+    for label, strategy in OTHERS.items():
+        audio, first, seams = strategy(decoder, tokens, voice)
+        jump, p999 = seam_jumps(audio, seams)
         rows.append(
             [
                 label,
-                regime,
-                run.first_audio_tokens,
-                f"{lsd:.3f}",
-                f"{snr_db(run.audio, reference):.1f}",
-                len(run.seams) + 1,
+                first,
+                f"{lsd_db(audio, reference, decoder.sample_rate):.2f}",
                 f"{jump / p999:.2f}",
-                "" if per_token is None else f"{per_token:.2f}",
-                "" if run.decode_seconds is None else f"{run.decode_seconds / audio_seconds:.3f}",
             ]
         )
-        return lsd, per_token, run.first_audio_tokens
-
-    for label, options in OUR_SETTINGS.items():
-        if label in FIRST_CHECKPOINT_ONLY and not others:
-            continue
-        for regime in REGIMES:
-            ours_lsd[label, regime] = add(
-                label, regime, ours(decoder, tokens, voice, regime, options)
-            )
-    if others:
-        for label, strategy in OTHERS.items():
-            # Fixed schedules: the same output whatever the arrival rate.
-            add(label, "both", strategy(decoder, tokens, voice))
-    return rows, ours_lsd
+    return table(
+        ["strategy (fixed schedule)", "tokens→1st audio", "LSD dB", "seam jump / p99.9"], rows
+    )
 
 
-def checkpoints(config_path, device) -> dict[str, Callable[[], MioCodecDecoder]]:
-    """Three full-size random checkpoints: two seeds of the package's recipe (GroupNorm and
-    final LayerNorm gains ~ 1) and PyTorch's default module initialisation (seeded)."""
-
-    def recipe(seed: int) -> Callable[[], MioCodecDecoder]:
-        return lambda: MioCodecDecoder.from_config(config_path, device=device, seed=seed)
-
-    def torch_default() -> MioCodecDecoder:
-        torch.manual_seed(0)
-        model = MioCodecDecoderModel(load_config(config_path))
-        return MioCodecDecoder(
-            model, device=device, source="PyTorch default init (seed 0)", random_weights=True
-        )
-
-    return {"recipe seed 0": recipe(0), "recipe seed 1": recipe(1), "torch default": torch_default}
-
-
-def mean_table(results: dict[str, dict]) -> str:
-    """Mean over checkpoints of our settings' LSD, and over the recipe's seeds alone."""
-    rows = []
-    for label in OUR_SETTINGS:
-        if label in FIRST_CHECKPOINT_ONLY:
-            continue
-        for regime in REGIMES:
-            cells = [results[name][label, regime] for name in results]
-            recipe = [
-                r[label, regime][0] for name, r in results.items() if name.startswith("recipe")
-            ]
-            rows.append(
-                [
-                    label,
-                    regime,
-                    max(c[2] for c in cells),
-                    f"{statistics.mean(c[0] for c in cells):.3f}",
-                    f"{statistics.mean(recipe):.3f}" if recipe else "",
-                    f"{max(c[0] for c in cells):.3f}",
-                    f"{statistics.mean(c[1] for c in cells):.2f}",
-                ]
-            )
-    headers = [
-        "strategy",
-        "regime",
-        "tokens→1st audio (max)",
-        "LSD mean",
-        "LSD mean, recipe seeds",
-        "LSD worst",
-        "window tok / audio tok",
-    ]
-    return table(headers, rows)
+# ---- throughput ------------------------------------------------------------------------------
 
 
 def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
-    """Steady-state windows (full left context and lookahead), one per stream per step."""
+    """Steady windows (full left context, the longest chunk and lookahead), one per stream."""
     options = StreamingOptions()
     gen = torch.Generator().manual_seed(1)
     rows = []
@@ -315,90 +485,91 @@ def throughput_table(decoder, voice, batches=(1, 8, 32), repeats=3) -> str:
         for _ in range(batch):
             stream = batcher.open(voice, options)
             stream.push_tokens(torch.randint(0, decoder.codebook_size, (400,), generator=gen))
-            stream.emitted_tokens = 100  # jump to mid-utterance: full left context
             streams.append(stream)
         times = []
         for _ in range(repeats):
             for s in streams:
-                s.emitted_tokens = 100
+                s.emitted_tokens = 100  # mid-utterance: full left context
                 s.has_tail = False
             start = time.perf_counter()
             produced = batcher.step(streams)
             times.append(time.perf_counter() - start)
             assert len(produced) == batch
         step = median(times)
-        # Chunks grow when tokens are already there (adaptive window): measure what came out.
         audio_per_chunk = produced[0].numel() / decoder.sample_rate
         rows.append(
             [
                 batch,
                 f"{step * 1000:.0f}",
                 f"{step / batch * 1000:.1f}",
-                f"{batch / step:.1f}",
                 f"{batch * audio_per_chunk / step:.1f}",
             ]
         )
-    headers = ["batch", "step ms", "ms/chunk", "chunks/s", "audio s per s"]
+    headers = ["batch", "step ms", "ms/chunk", "audio s per s"]
     return f"chunks of {audio_per_chunk:.2f} s audio\n" + table(headers, rows)
 
 
-def cost_by_position(decoder, voice, repeats=5) -> str:
-    """Time of the chunk starting at second 2 and at second 60 of one long utterance."""
-    gen = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, decoder.codebook_size, (25 * 64,), generator=gen)
-    cells = []
-    for second in (2, 60):
-        times = []
-        for _ in range(repeats):
-            stream = decoder.stream(voice)
-            stream.push_tokens(tokens)
-            stream.emitted_tokens = 25 * second
-            start = time.perf_counter()
-            window = stream.next_window()
-            stream.batcher.decode([window])
-            times.append(time.perf_counter() - start)
-        cells.append((second, window.length, median(times)))
-    ratio = cells[1][2] / cells[0][2]
-    lines = [f"chunk at {s:>2} s: window {n} tokens, {t * 1000:.0f} ms" for s, n, t in cells]
-    return "\n".join([*lines, f"cost ratio 60 s / 2 s: {ratio:.2f}"])
+# ---- main ------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=250)
-    parser.add_argument("--device", default=None)
     parser.add_argument("--codecs", nargs="*", default=list(FULL_CODEC_CONFIGS))
-    parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS_S))
+    parser.add_argument("--speeds", type=float, nargs="*", default=list(SPEEDS))
+    parser.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS))
+    parser.add_argument("--no-bound", dest="bound", action="store_false")
+    parser.add_argument("--check-standin", action="store_true")
+    parser.add_argument("--others", action="store_true")
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="compute precision of the streamed decode (the offline reference is float32)",
+    )
     args = parser.parse_args()
     voice = load_voice("en_female")
-    for name in args.codecs:
-        results = {}
-        for index, (label, build) in enumerate(
-            checkpoints(FULL_CODEC_CONFIGS[name], args.device).items()
-        ):
-            decoder = build()
-            gen = torch.Generator().manual_seed(0)
-            tokens = torch.randint(0, decoder.codebook_size, (args.tokens,), generator=gen)
-            reference = decoder.decode(tokens, voice).numpy()
-            if not np.isfinite(reference).all():
-                raise SystemExit(f"{name}, {label}: the offline decode is not finite")
-            rms = float(np.sqrt(np.mean(reference.astype(np.float64) ** 2)))
-            print(
-                f"\n=== MioCodec {name}, {label}, {decoder.device}, {args.tokens} tokens "
-                f"({args.tokens / 25:.0f} s), voice en_female (norm {float(voice.norm()):.1f}); "
-                f"offline decode finite, RMS {rms:.3f} ==="
+    variants = {name: VARIANTS[name] for name in args.variants}
+    speeds = [*args.speeds, None] if args.bound else list(args.speeds)
+    print(
+        f"streaming fidelity: tokens one at a time at {', '.join(f'{s:g}x' for s in args.speeds)}"
+        f" real time, {UTTERANCES_PER_LENGTH} utterances per length, voice en_female, "
+        f"streamed in {args.dtype} against the float32 offline decode, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for codec in args.codecs:
+        if args.check_standin:
+            print(f"\n=== {codec}: does the random recipe stand in for the upstream build? ===")
+            standin = run_checkpoints(
+                standin_checkpoints(codec, args.device),
+                args,
+                {"default": VARIANTS["default"]},
+                voice,
             )
-            rows, results[label] = fidelity_rows(
-                decoder, tokens, voice, reference, others=index == 0
-            )
-            print(table(HEADERS, rows))
-        print(f"\n=== MioCodec {name}: mean over the {len(results)} checkpoints ===")
-        print(mean_table(results))
-        if not args.no_throughput:
-            decoder = MioCodecDecoder.from_config(FULL_CODEC_CONFIGS[name], device=args.device)
-            print(f"\nthroughput, {name} ({decoder.device}, {torch.get_num_threads()} threads):")
-            print(throughput_table(decoder, voice))
-            print(cost_by_position(decoder, voice))
+            print(main_table(standin, "default", args.lengths, speeds))
+        print(f"\n=== MioCodec {codec} ===")
+        results = run_checkpoints(checkpoints(codec, args.device), args, variants, voice)
+        for variant in variants:
+            print(f"\n{codec}, variant '{variant}': LSD dB against the offline decode")
+            print(main_table(results, variant, args.lengths, speeds))
+            for length in args.lengths:
+                print(f"\n{codec}, '{variant}', {length} s: LSD dB by stretch, mean of checkpoints")
+                print(stretch_table(results, variant, length, speeds))
+        if len(variants) > 1:
+            print(f"\n{codec}: variants (LSD: mean of checkpoints; win/tok: mean of lengths)")
+            print(variants_table(results, variants, args.lengths, args.speeds))
+        if args.others or args.throughput:
+            decoder = checkpoints(codec, args.device)["recipe seed 0"]()
+            if args.others:
+                print(f"\n{codec}, recipe seed 0, 10 s, other projects' schedules:")
+                print(others_table(decoder, voice))
+            if args.throughput:
+                print(
+                    f"\nthroughput, {codec} ({decoder.device}, {torch.get_num_threads()} threads):"
+                )
+                print(throughput_table(decoder, voice))
 
 
 if __name__ == "__main__":

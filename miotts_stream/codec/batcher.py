@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,6 +36,7 @@ from .streaming import (
     StatisticsMode,
     StreamGeometry,
     StreamingOptions,
+    Timer,
     TokenStreamDecoder,
 )
 from .voices import check_embedding
@@ -245,11 +247,29 @@ assert WindowColumns._fields == WindowRecord._fields
 RECORD_COLUMNS = len(WindowRecord._fields)
 
 
-def statistics_span(mode: StatisticsMode, window: DecodeWindow) -> tuple[int, int]:
-    """(new_start, use_prior) of a window's record under a statistics mode."""
+class StatisticsSpan(NamedTuple):
+    """Which of a window's frames its GroupNorm statistics take, in tokens from its start."""
+
+    new_start: int  # frames from here on are added to the slot's sums
+    commit_end: int  # frames in [new_start, commit_end) are committed to the slot's sums
+    use_prior: int  # 1: with the slot's sums; 0: this window's frames alone
+
+
+def statistics_span(mode: StatisticsMode, window: DecodeWindow) -> StatisticsSpan:
+    """A window's `StatisticsSpan` under a statistics mode."""
     if mode is StatisticsMode.ACCUMULATED:
-        return window.chunk_start - window.start, int(window.chunk_start > 0)
-    return 0, 0  # StatisticsMode.WINDOW
+        # The slot holds the frames of every chunk emitted; the window adds its chunk and
+        # lookahead, and commits its chunk.
+        new = window.chunk_start - window.start
+        return StatisticsSpan(new, window.chunk_end - window.start, int(window.chunk_start > 0))
+    if mode is StatisticsMode.RECOMPUTED:
+        # The slot holds the frames before this window; all of the window's frames are taken
+        # as this window computes them (its left context has more right context now than when
+        # it was a chunk), and it commits the frames the next window will not cover again.
+        left = window.stream.options.left_context_tokens
+        commit = max(0, window.chunk_end - left - window.start)
+        return StatisticsSpan(0, commit, int(window.start > 0))
+    return StatisticsSpan(0, window.chunk_end - window.start, 0)  # StatisticsMode.WINDOW
 
 
 class StepShape(NamedTuple):
@@ -424,14 +444,16 @@ class StreamBatcher:
         global_embedding: object,
         options: StreamingOptions | None = None,
         clock: PlaybackClock | None = None,
+        timer: Timer = time.perf_counter,
     ) -> TokenStreamDecoder:
         """A new stream whose windows this batcher decodes (see `TokenStreamDecoder`).
 
-        `clock` returns how many seconds of audio the client has buffered; with it, a chunk
-        waiting for right context goes out early when playback would otherwise run dry.
+        `clock` returns how many seconds of audio the client has buffered; with it, planning
+        follows the client (the first window, just-in-time chunks, and a chunk that goes out
+        early when playback would otherwise run dry). `timer` is the time those plans read.
         """
         embedding = check_embedding(global_embedding, self.embedding_dim)
-        return TokenStreamDecoder(self, self.geometry, embedding, options, clock)
+        return TokenStreamDecoder(self, self.geometry, embedding, options, clock, timer)
 
     def release(self, stream: TokenStreamDecoder) -> None:
         """Give back the stream's slot, if it holds one (idempotent)."""
@@ -507,10 +529,7 @@ class StreamBatcher:
         if fixed_shapes:
             # Room for the longest chunk any of these streams may emit, plus its crossfade tail,
             # in steps of 8 tokens.
-            longest = max(
-                max(w.stream.options.chunk_cap, w.stream.options.first_chunk_tokens)
-                for w in windows
-            )
+            longest = max(w.stream.options.longest_chunk for w in windows)
             width = 8 * math.ceil((longest + 1) / 8) * spt
             rows = batch_bucket(len(windows))
         else:
@@ -526,13 +545,13 @@ class StreamBatcher:
             stream = w.stream
             slot = self.slots.take(stream)
             largest_slot = max(largest_slot, slot)
-            new_start, use_prior = statistics_span(stream.options.groupnorm_stats, w)
+            span = statistics_span(stream.options.groupnorm_stats, w)
             record = WindowRecord(
                 length=w.length,
-                new_start=new_start,
-                commit_end=w.chunk_end - w.start,
+                new_start=span.new_start,
+                commit_end=span.commit_end,
                 slot=slot,
-                use_prior=use_prior,
+                use_prior=span.use_prior,
                 frame_count=w.length * head_rate,
                 first_frame=first_frame,
                 sample_begin=(w.chunk_start - w.start) * spt,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,7 +26,7 @@ from .config import CodecConfig, as_codec_config
 from .layers import GroupStats, Transformer
 from .model import MioCodecDecoderModel
 from .placement import SUPPORTED_DTYPES, Placement, default_device
-from .streaming import PlaybackClock, StreamingOptions, TokenStreamDecoder
+from .streaming import PlaybackClock, StreamingOptions, Timer, TokenStreamDecoder
 from .tokens import check_tokens
 from .voices import check_embedding
 
@@ -81,8 +82,22 @@ def init_random_weights(model: nn.Module, seed: int) -> None:
                 param.copy_(0.05 * noise)
 
 
+def store_matrices_in(model: MioCodecDecoderModel, dtype: torch.dtype) -> None:
+    """Keep the transformers' linear layers (the weights autocast computes in `dtype`) stored
+    in `dtype`. Autocast would otherwise convert every one of them again at every step (its
+    cache of converted weights holds only weights that need gradients): 28% of a small
+    streaming step on CPU. The rest of the model stays float32 (`layers.float32_region`)."""
+    for transformer in (model.wave_prenet, model.wave_decoder):
+        for module in transformer.modules():
+            if isinstance(module, nn.Linear):
+                module.to(dtype)
+
+
 class MioCodecDecoder:
-    """MioCodec's decoder: 25 Hz speech tokens + a speaker embedding -> waveform."""
+    """MioCodec's decoder: 25 Hz speech tokens + a speaker embedding -> waveform.
+
+    With a reduced compute precision (bf16, fp16), the model's transformers are converted to
+    it in place (`store_matrices_in`): give each decoder its own model."""
 
     def __init__(
         self,
@@ -106,6 +121,8 @@ class MioCodecDecoder:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device).eval().requires_grad_(False)
+        if dtype != torch.float32:
+            store_matrices_in(model, dtype)
         self.config: CodecConfig = model.cfg
         self.source = source
         self.random_weights = random_weights
@@ -234,15 +251,19 @@ class MioCodecDecoder:
         global_embedding: object,
         options: StreamingOptions | None = None,
         clock: PlaybackClock | None = None,
+        timer: Timer = time.perf_counter,
     ) -> TokenStreamDecoder:
         """A streaming decoder for one utterance (see `miotts_stream.codec.streaming`).
 
-        `clock` returns how many seconds of audio the client has buffered; with it, a chunk
-        waiting for right context goes out early when playback would otherwise run dry.
+        `clock` returns how many seconds of audio the client has buffered; with it, planning
+        follows the client: the first window grows while the LLM is fast, later chunks are
+        planned just in time, and a chunk goes out early when playback would otherwise run
+        dry. `timer` is the time those plans read (a simulated one in benchmarks).
         The stream has a batcher of its own (one device slot, eager steps); to decode several
         streams in shared steps (and, on CUDA, replay graphs), open them from one `batcher()`.
         """
-        return self.batcher(cuda_graphs=False, capacity=2).open(global_embedding, options, clock)
+        batcher = self.batcher(cuda_graphs=False, capacity=2)
+        return batcher.open(global_embedding, options, clock, timer)
 
     def batcher(self, *, cuda_graphs: bool | None = None, capacity: int = 64) -> StreamBatcher:
         """A new `StreamBatcher` over this model: it opens streams and decodes their windows

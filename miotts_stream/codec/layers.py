@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,17 @@ from .config import TransformerConfig
 GroupStats = Callable[
     [int, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]
 ]
+
+
+def float32_region(x: torch.Tensor) -> AbstractContextManager:
+    """Autocast off: what runs inside stays in float32 whatever the codec's compute precision.
+
+    Reduced precision (bf16 on CPU or CUDA) is for the two transformers, which hold 90% of the
+    decoder's weights and matrix products. The convolutional stacks, their GroupNorms and the
+    iSTFT head are cheap and sensitive: in bf16 they double the decode's error (measured on
+    CPU against float32: 0.42 dB LSD with everything in bf16, 0.20 with the transformers
+    alone, for 9% of the speed)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def zero_invalid(x: torch.Tensor, valid: torch.Tensor, time_dim: int) -> torch.Tensor:
@@ -385,7 +397,8 @@ class ISTFTHead(nn.Module):
 
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) -> complex (B, n_fft/2 + 1, T), computed in float32."""
-        log_mag, phase = self.out(x).float().transpose(1, 2).chunk(2, dim=1)
+        with float32_region(x):
+            log_mag, phase = self.out(x.float()).transpose(1, 2).chunk(2, dim=1)
         magnitude = log_mag.exp().clamp(max=1e2)
         return torch.complex(magnitude * phase.cos(), magnitude * phase.sin())
 

@@ -23,6 +23,7 @@ from .layers import (
     ResNetStack,
     Transformer,
     UpSamplerBlock,
+    float32_region,
     zero_invalid,
 )
 
@@ -118,25 +119,30 @@ class MioCodecDecoderModel(nn.Module):
         """
         cfg = self.cfg
         condition = speaker[:, None, :]
-        x = self.local_quantizer(tokens.masked_fill(~valid, 0))
+        with float32_region(speaker):
+            x = self.local_quantizer(tokens.masked_fill(~valid, 0))
+        # The transformers run in the codec's compute precision (under its autocast); the rest
+        # in float32 (see `float32_region`).
         x = zero_invalid(self.wave_prenet(x, valid), valid, 1)
 
-        x = x.transpose(1, 2)  # (B, C, T): convolutional layout from here on
-        if self.wave_conv_upsample is not None:
-            x = self.wave_conv_upsample(x)
-            valid = valid.repeat_interleave(cfg.wave_upsample_factor, dim=1)
-        # Upstream linearly interpolates to the STFT frame count; for every geometry the config
-        # check admits, that is the identity (frames == tokens * upsample factor), so we skip it.
-        x = zero_invalid(x, valid, 2)
+        with float32_region(x):
+            x = x.float().transpose(1, 2)  # (B, C, T): convolutional layout from here on
+            if self.wave_conv_upsample is not None:
+                x = self.wave_conv_upsample(x)
+                valid = valid.repeat_interleave(cfg.wave_upsample_factor, dim=1)
+            # Upstream linearly interpolates to the STFT frame count; for every geometry the
+            # config check admits, that is the identity (frames == tokens * upsample factor).
+            x = zero_invalid(x, valid, 2)
+            x = self.wave_prior_net(x, valid, group_stats)
 
-        x = self.wave_prior_net(x, valid, group_stats)
         x = self.wave_decoder(x.transpose(1, 2), valid, condition)
-        x = zero_invalid(x, valid, 1).transpose(1, 2)
-        x = self.wave_post_net(x, valid, group_stats)
 
-        if self.wave_upsampler is not None:
-            return self.wave_upsampler(x, valid, group_stats)
-        return x.transpose(1, 2), valid
+        with float32_region(x):
+            x = zero_invalid(x.float(), valid, 1).transpose(1, 2)
+            x = self.wave_post_net(x, valid, group_stats)
+            if self.wave_upsampler is not None:
+                return self.wave_upsampler(x, valid, group_stats)
+            return x.transpose(1, 2), valid
 
     @property
     def head_frames_per_token(self) -> int:

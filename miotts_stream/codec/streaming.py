@@ -10,9 +10,19 @@ keep the chunk's samples, and crossfade each seam with the previous window's ext
 A chunk waits for `lookahead_tokens` of right context (or for the client's buffer to run low);
 tokens that are already there when it is planned (an LLM running ahead of real time) widen the
 window, up to `max_lookahead_tokens` of right context and `max_chunk_tokens` of chunk.
-The GroupNorm statistics, which offline decoding takes over the whole utterance, are
-accumulated over everything decoded so far (`StatisticsMode.ACCUMULATED`), which closes most
-of the gap between windowed and offline decoding.
+
+With a playback clock (a client playing the audio as it comes), planning follows the client:
+- the first window waits, while the LLM is fast, until `first_wait_ms` after the first token
+  (more tokens: better statistics and a longer first chunk), never for fewer than
+  first_chunk_tokens + first_lookahead_tokens;
+- later chunks are planned just in time: a chunk whose lookahead is there still waits until
+  the client's buffer falls below `plan_buffer_ms`, so an LLM running ahead of real time buys
+  right context and longer chunks (fewer, longer windows); a chunk still short of its lookahead
+  goes out anyway once the buffer falls below `min_buffer_ms` (the deadline).
+The GroupNorm statistics, which offline decoding takes over the whole utterance, are taken
+over everything the stream has seen so far: the frames before the window as they were
+committed, and the window's own frames as it computes them (`StatisticsMode.RECOMPUTED`), which
+closes most of the gap between windowed and offline decoding.
 
 State is explicit and per stream, in the manner of Kyutai's moshi streaming modules, and each
 part has one owner:
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,17 +48,24 @@ import torch
 
 from .tokens import check_token_list, check_tokens
 
-# How much audio the client has buffered right now, in seconds (playback deadline).
+# How much audio the client has buffered right now, in seconds (playback deadline); infinite
+# while nothing plays yet.
 PlaybackClock = Callable[[], float]
+# Seconds on a monotonic clock (time.perf_counter; a simulated one in benchmarks).
+Timer = Callable[[], float]
 
 
 class StatisticsMode(enum.Enum):
     """Which frames a window's GroupNorm statistics are taken over."""
 
-    # Everything the stream has decoded so far plus this window's new frames (the default).
+    # Every chunk decoded so far, as it was decoded, plus this window's new frames.
     ACCUMULATED = "accumulated"
     # The window's own frames only (for comparison).
     WINDOW = "window"
+    # The frames before the window as committed, then all of the window's frames as it
+    # computes them (its left context has more right context than when it was decoded as a
+    # chunk): every frame counted once, at its best estimate so far (the default).
+    RECOMPUTED = "recomputed"
 
 
 @dataclass(frozen=True)
@@ -68,12 +86,28 @@ class StreamingOptions:
     max_chunk_tokens: int = 80
     crossfade_ms: float = 20.0
     # With a clock: a chunk waiting for lookahead goes out anyway once the client's buffer
-    # falls below this much audio. It must cover one window's decode time plus transport.
-    min_buffer_ms: float = 150.0
+    # falls below this much audio (the deadline), keeping `early_lookahead_share` of the tokens
+    # there as right context. The service's clock already has the decode latency (the step in
+    # flight and the window's own) taken off, so this covers what is left: the scheduler's
+    # poll (10 ms), event-loop lag and encoding (~20 ms at p99 under load), times 2 for safety.
+    min_buffer_ms: float = 60.0
+    early_lookahead_share: float = 2 / 3
+    # With a clock, just in time: a chunk whose lookahead is there waits until the client's
+    # buffer is below this, and takes every token there by then; 0: plan as soon as the
+    # lookahead is there. The room above `min_buffer_ms` (140 ms) is for a step larger than
+    # the latency estimate (just-in-time windows are long, and batched), so that a chunk with
+    # its lookahead goes out before the deadline has to cut it short.
+    plan_buffer_ms: float = 200.0
+    # With a clock, the first audio: the first window waits until this long after the first
+    # token has passed (6 tokens at 2x real time), taking the tokens there by then, up to
+    # `max_first_window_tokens`, of which a third is lookahead. Never fewer than
+    # first_chunk_tokens + first_lookahead_tokens. 0: plan from exactly that many.
+    first_wait_ms: float = 100.0
+    max_first_window_tokens: int = 12
     # Windows are padded to a multiple of this many tokens (fixed shapes for batching and
     # CUDA graphs).
     window_bucket_tokens: int = 16
-    groupnorm_stats: StatisticsMode = StatisticsMode.ACCUMULATED
+    groupnorm_stats: StatisticsMode = StatisticsMode.RECOMPUTED
 
     def validated(self) -> StreamingOptions:
         for name in ("first_chunk_tokens", "chunk_tokens"):
@@ -90,8 +124,13 @@ class StreamingOptions:
                 raise ValueError(f"streaming options: {name} must be >= 0")
         if self.first_lookahead_tokens > self.lookahead_tokens:
             raise ValueError("streaming options: first_lookahead_tokens exceeds lookahead_tokens")
-        if self.crossfade_ms < 0 or self.min_buffer_ms < 0:
-            raise ValueError("streaming options: crossfade_ms and min_buffer_ms must be >= 0")
+        for name in ("crossfade_ms", "min_buffer_ms", "plan_buffer_ms", "first_wait_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"streaming options: {name} must be >= 0")
+        if not 0 <= self.early_lookahead_share < 1:
+            raise ValueError("streaming options: early_lookahead_share must be in [0, 1)")
+        if self.max_first_window_tokens < 0:
+            raise ValueError("streaming options: max_first_window_tokens must be >= 0")
         if self.window_bucket_tokens < 1:
             raise ValueError("streaming options: window_bucket_tokens must be >= 1")
         if not isinstance(self.groupnorm_stats, StatisticsMode):
@@ -108,9 +147,31 @@ class StreamingOptions:
         return max(self.chunk_tokens, self.max_chunk_tokens)
 
     @property
+    def least_first_window(self) -> int:
+        """Tokens the first window never goes without (unless the utterance is shorter)."""
+        return self.first_chunk_tokens + self.first_lookahead_tokens
+
+    @property
+    def first_window_cap(self) -> int:
+        """The most tokens a first window is planned from (more are right context only)."""
+        if self.first_wait_ms <= 0:
+            return self.least_first_window
+        return max(self.least_first_window, self.max_first_window_tokens)
+
+    def first_chunk_tokens_of(self, tokens: int) -> int:
+        """The first chunk when the first window is planned from `tokens` tokens: a third of
+        them (at least `first_lookahead_tokens`) stay as right context."""
+        lookahead = max(self.first_lookahead_tokens, tokens // 3)
+        return max(self.first_chunk_tokens, tokens - lookahead)
+
+    @property
+    def longest_chunk(self) -> int:
+        """The longest chunk a stream with these options may emit."""
+        return max(self.first_chunk_tokens_of(self.first_window_cap), self.chunk_cap)
+
+    @property
     def max_window_tokens(self) -> int:
-        chunk = max(self.first_chunk_tokens, self.chunk_cap)
-        return self.left_context_tokens + chunk + self.lookahead_cap
+        return self.left_context_tokens + self.longest_chunk + self.lookahead_cap
 
     @property
     def steady_window_tokens(self) -> int:
@@ -196,19 +257,23 @@ class TokenStreamDecoder:
         global_embedding: torch.Tensor,
         options: StreamingOptions | None = None,
         clock: PlaybackClock | None = None,
+        timer: Timer = time.perf_counter,
     ):
         self.batcher = batcher
         self.embedding = global_embedding
         self.options = (options or StreamingOptions()).validated()
         self.clock = clock
+        self.timer = timer
         self.codebook_size = geometry.codebook_size
         self.samples_per_token = geometry.samples_per_token
+        self.seconds_per_token = geometry.samples_per_token / geometry.sample_rate
         self.crossfade_samples = min(
             self.samples_per_token,
             round(self.options.crossfade_ms * geometry.sample_rate / 1000),
         )
         # --- streaming state (host side; the device side is the batcher's) ---
         self.tokens: list[int] = []
+        self.first_token_at: float | None = None  # timer() when the first token came
         self.emitted_tokens = 0  # tokens whose samples have been emitted
         self.finished = False
         self.has_tail = False  # the device slot holds a crossfade tail for the next chunk
@@ -221,6 +286,8 @@ class TokenStreamDecoder:
             raise RuntimeError("stream: push after finish()")
         if len(tokens) == 0:
             return
+        if self.first_token_at is None:
+            self.first_token_at = self.timer()
         if type(tokens) is list and all(type(t) is int for t in tokens):
             self.tokens.extend(check_token_list(tokens, self.codebook_size))
             return
@@ -249,34 +316,68 @@ class TokenStreamDecoder:
         self.batcher.release(self)
 
     # ---- planning ------------------------------------------------------------------------
+    def buffered_seconds(self) -> float:
+        """The client's buffer as the clock tells it (infinite without a clock, or while
+        nothing plays yet)."""
+        return math.inf if self.clock is None else self.clock()
+
     def deadline_near(self) -> bool:
         """Whether the client's buffer is below `min_buffer_ms` (never, without a clock)."""
-        if self.clock is None:
-            return False
-        return self.clock() * 1000.0 < self.options.min_buffer_ms
+        return self.buffered_seconds() * 1000.0 < self.options.min_buffer_ms
 
-    def next_window(self) -> DecodeWindow | None:
-        """The next window to decode, or None if the next chunk must wait for tokens."""
+    @property
+    def _just_in_time(self) -> bool:
+        return self.clock is not None and self.options.plan_buffer_ms > 0
+
+    def next_window(self, slack_s: float = 0.0) -> DecodeWindow | None:
+        """The next window to decode, or None if the next chunk must wait (for tokens, or,
+        just in time, for the client's buffer to run down).
+
+        `slack_s`: plan a window that would be due within this many seconds now (a scheduler
+        that runs a step anyway batches it in, instead of running another step soon after)."""
         opts = self.options
         available = len(self.tokens)
         start = self.emitted_tokens
         if start >= available:
             return None
-        first = start == 0
-        if first:  # short, for early audio; it always waits for its (short) lookahead
-            chunk_end = start + opts.first_chunk_tokens
-            wanted_lookahead = opts.first_lookahead_tokens
-        else:
-            chunk_end = self._grown_chunk_end(start)
-            wanted_lookahead = opts.lookahead_tokens
+        buffered = self.buffered_seconds()
+        if start == 0 and (math.isinf(buffered) or opts.plan_buffer_ms <= 0):
+            return self._first_window(available)
+        # From here on audio plays: a later chunk, or the first of a later segment of a session
+        # (whose client still plays the earlier ones), planned like any later chunk.
+        chunk_end = self._grown_chunk_end(start)
         if self.finished:
             chunk_end = min(chunk_end, available)
-        elif available < chunk_end + wanted_lookahead:
-            if first or not self.deadline_near():
+        elif available < chunk_end + opts.lookahead_tokens:
+            if buffered * 1000.0 >= opts.min_buffer_ms + 1000.0 * slack_s:
                 return None
-            chunk_end = self._early_chunk_end(start)
+            chunk_end = self._early_chunk_end(start, buffered)
+        elif self._just_in_time and buffered * 1000.0 >= opts.plan_buffer_ms + 1000.0 * slack_s:
+            return None  # the client holds enough: tokens that come meanwhile widen the window
+        return self._window(start, chunk_end)
+
+    def _first_window(self, available: int) -> DecodeWindow | None:
+        """The first audio (nothing plays yet): see `StreamingOptions.first_wait_ms`."""
+        opts = self.options
+        least = opts.least_first_window
+        # Without a clock nobody listens as it comes: the first window is the least one.
+        cap = opts.first_window_cap if self.clock is not None else least
+        if not self.finished and available < cap:
+            if available < least:
+                return None
+            if self.clock is not None:
+                waited = self.timer() - self.first_token_at
+                if waited * 1000.0 < opts.first_wait_ms:
+                    return None
+        chunk_end = opts.first_chunk_tokens_of(min(available, cap))
+        if self.finished:
+            chunk_end = min(chunk_end, available)
+        return self._window(0, chunk_end)
+
+    def _window(self, start: int, chunk_end: int) -> DecodeWindow:
         # Right context: whatever is there, up to the cap (more context, closer to offline).
-        stop = min(available, chunk_end + opts.lookahead_cap)
+        opts = self.options
+        stop = min(len(self.tokens), chunk_end + opts.lookahead_cap)
         return DecodeWindow(
             stream=self,
             start=max(0, start - opts.left_context_tokens),
@@ -299,15 +400,21 @@ class TokenStreamDecoder:
             grow_to = surplus * opts.chunk_cap // (opts.chunk_cap + opts.lookahead_cap)
         return start + max(opts.chunk_tokens, min(opts.chunk_cap, grow_to))
 
-    def _early_chunk_end(self, start: int) -> int:
+    def _early_chunk_end(self, start: int, buffered: float) -> int:
         """The client is about to run dry: a chunk goes out now, the tokens there split between
-        the chunk and its right context, at most half of them as context, so that the chunk
-        carries enough audio to cover the next window's decode (a string of tiny chunks, each
-        decoded with its full left context, costs more than real time)."""
+        the chunk and its right context, `early_lookahead_share` of them as context (right
+        context is what the early chunks lack most), the rest as the chunk.
+
+        A client already short (the clock below the deadline: the decoder is behind) gets at
+        least the audio that brings its buffer back to the deadline, context or not: a string
+        of tiny chunks, each a window decoded with its full left context, would keep the
+        decoder behind."""
         opts = self.options
         surplus = len(self.tokens) - start
-        context = min(opts.lookahead_tokens, surplus // 2)
-        chunk = min(opts.chunk_tokens, max(surplus - context, opts.first_chunk_tokens))
+        context = min(opts.lookahead_tokens, int(surplus * opts.early_lookahead_share))
+        short_s = opts.min_buffer_ms / 1000.0 - buffered
+        catch_up = math.ceil(short_s / self.seconds_per_token) if short_s > 0 else 0
+        chunk = min(opts.chunk_tokens, max(surplus - context, opts.first_chunk_tokens, catch_up))
         return start + min(chunk, surplus)
 
     # ---- a decoded window ----------------------------------------------------------------

@@ -10,8 +10,9 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,11 @@ class VLLMEngineOptions:
     max_num_seqs: int = 64  # concurrent requests the scheduler batches
     seed: int = 0
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # passed to AsyncEngineArgs
+    # The cores the engine's processes run on (None: anywhere). They inherit the CPU mask of
+    # the thread that starts them, so the engine is started with its thread's mask set to
+    # these: its scheduler process too, which vLLM does not bind, and which busy-waits with
+    # sched_yield for the worker (service/placement.py).
+    cpus: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -264,9 +270,24 @@ def build_engine(model: str | Path, options: VLLMEngineOptions | None = None) ->
     check_engine_arg_names(options.extra_engine_args)
     args = engine_args(options, architecture)
     logger.info("starting vLLM engine for %s (%s): %s", model, architecture, args)
-    return AsyncLLM.from_engine_args(
-        AsyncEngineArgs(model=str(model), disable_log_stats=True, **args)
-    )
+    with _thread_cpus(options.cpus):
+        return AsyncLLM.from_engine_args(
+            AsyncEngineArgs(model=str(model), disable_log_stats=True, **args)
+        )
+
+
+@contextlib.contextmanager
+def _thread_cpus(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """The calling thread runs on `cpus` meanwhile (processes it starts inherit the mask)."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)  # 0: the calling thread
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 # What a client reads when the engine died under its request: no vLLM internals.

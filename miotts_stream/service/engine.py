@@ -26,7 +26,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -193,6 +193,7 @@ class SpeechEngine:
         random_weights: bool = False,
         model_name: str = "",
         limits: SessionLimits | None = None,
+        decode_thread_setup: Callable[[], None] | None = None,
     ):
         self.source = source
         self.decoder = decoder
@@ -202,7 +203,9 @@ class SpeechEngine:
         self.random_weights = random_weights
         self.model_name = model_name
         self.limits = limits or SessionLimits()
-        self.scheduler = DecodeScheduler(decoder, max_batch=max_batch)
+        self.scheduler = DecodeScheduler(
+            decoder, max_batch=max_batch, thread_setup=decode_thread_setup
+        )
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: set[SynthesisSession] = set()
         self._watchdog: asyncio.Task | None = None
@@ -400,17 +403,17 @@ class SynthesisSession:
     def _client_buffer(self, segment: _Segment) -> ClientBuffer:
         """Seconds of audio the client holds ahead of playback when this segment's stream has
         decoded a given number of samples: audio of earlier segments plus this one's, minus what
-        has played since the first chunk went out (infinite before that, and while an earlier
-        segment is still playing out)."""
+        has played since the first chunk went out (infinite before that).
+
+        Segments are generated one after another, so when this segment decodes, the earlier
+        ones' codes are all in and their audio is known to the sample (a code is
+        `samples_per_token` samples); their streams send it on their own deadlines."""
+        per_code = self.engine.decoder.samples_per_token
 
         def buffered_seconds(decoded_samples: int) -> float:
             if self.first_audio_at is None:
                 return float("inf")
-            before = 0
-            for earlier in self._segment_list[: segment.index]:
-                if earlier.samples is None:
-                    return float("inf")  # an earlier segment is still playing out
-                before += earlier.samples
+            before = per_code * sum(e.codes_in for e in self._segment_list[: segment.index])
             played = time.perf_counter() - self.first_audio_at
             return (before + decoded_samples) / self.codec_rate - played
 

@@ -160,6 +160,13 @@ class VLLMOptions:
         choices=tuple(sorted(ARCHITECTURES)),
         metavar="ARCH",
     )
+    cpu_placement: str = option(
+        "auto",
+        "when the in-process engine and the codec both run on the CPU: auto splits the cores "
+        "between the LLM worker and the decoder",
+        choices=("auto", "off"),
+        metavar="MODE",
+    )
     exit_on_engine_death: bool = option(
         False,
         f"when the engine core dies, exit with status {ENGINE_DEATH_EXIT_CODE} (for an "
@@ -187,8 +194,9 @@ class DecoderOptions:
     )
     codec_dtype: str = option(
         "auto",
-        "codec compute precision: auto is bfloat16 autocast on CUDA (as upstream) and float32 "
-        "on CPU; float32 on CUDA uses TF32 matrix units",
+        "codec compute precision of its transformers (the rest stays float32): auto is "
+        "bfloat16 on CUDA (as upstream) and on CPUs with AVX-512 BF16 or AMX, float32 on other "
+        "CPUs; float32 on CUDA uses TF32 matrix units",
         choices=CODEC_DTYPE_NAMES,
         metavar="DTYPE",
     )

@@ -16,6 +16,10 @@ Which windows share a step:
 - steady windows are taken most urgent first (least audio buffered at the client), grouped by
   their padded length, up to `max_batch` windows and `max_batch_tokens` padded tokens per step,
   so a step's latency stays bounded however many streams are open.
+- streams plan just in time (`StreamingOptions.plan_buffer_ms`): a window is due when its
+  client's buffer, less the decode latency, runs down. When a step runs anyway, windows that
+  would fall due before the next step could start (within one step's time) join it, so streams
+  share fewer, longer steps instead of each waking the loop on its own.
 Only streams whose state changed (tokens, input ended, room in their queue) are planned again,
 plus a poll of playback deadlines while tokens are pending. A stream with `MAX_QUEUED_CHUNKS`
 chunks unread (a slow client) is skipped, so it never stalls the others. A window that fails,
@@ -28,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +161,8 @@ class DecodeScheduler:
     """Batches the ready windows of all open streams, step after step.
 
     `options` is the window geometry streams use unless they ask otherwise; the step's token
-    budget, `max_batch_tokens`, defaults to `max_batch` of its steady windows.
+    budget, `max_batch_tokens`, defaults to `max_batch` of its steady windows. `thread_setup`
+    prepares the decode thread (service/placement.py).
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class DecodeScheduler:
         max_batch: int = 32,
         max_batch_tokens: int | None = None,
         options: StreamingOptions | None = None,
+        thread_setup: Callable[[], None] | None = None,
     ):
         self.options = (options or StreamingOptions()).validated()
         self.max_batch = max_batch
@@ -175,7 +180,10 @@ class DecodeScheduler:
         self._streams: list[_Entry] = []
         self._dirty: set[_Entry] = set()  # to plan again
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        # `thread_setup` runs on the decode thread first (its cores and OpenMP threads).
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="decode", initializer=thread_setup
+        )
         self._task: asyncio.Task | None = None
         self._last_poll = 0.0
         self._step_seconds_ema = 0.0  # recent batched-step time
@@ -306,12 +314,13 @@ class DecodeScheduler:
                 if window.first:
                     first.append((entry, window))
                 else:
-                    clock = entry.stream.clock
-                    urgency = clock() if clock is not None else math.inf
+                    urgency = entry.stream.buffered_seconds()
                     steady.append((urgency, window.padded_length, entry, window))
             except Exception as err:  # a broken clock or stream fails that stream only
                 logger.exception("planning a window failed")
                 self._fail(entry, err)
+        if steady and not first:
+            steady += self._nearly_due({id(e) for *_, e, _ in steady})
         if first:
             chosen = first[: self.max_batch]
             rest = [(e, w) for e, w in first[self.max_batch :]] + [(e, w) for *_, e, w in steady]
@@ -320,6 +329,26 @@ class DecodeScheduler:
         # Windows not chosen are planned again next time (their streams are unchanged).
         self._dirty.update(entry for entry, _ in rest)
         return chosen
+
+    def _nearly_due(self, planned: set[int]) -> list[tuple[float, int, _Entry, DecodeWindow]]:
+        """Windows of other streams that would fall due within one step: they join this step."""
+        slack = self._step_seconds_ema
+        joining = []
+        for entry in self._streams:
+            if id(entry) in planned or entry.dropped or entry.backlogged:
+                continue
+            stream = entry.stream
+            if stream.pending_tokens == 0 or stream.emitted_tokens == 0:
+                continue
+            try:
+                window = stream.next_window(slack_s=slack)
+            except Exception as err:  # a broken clock or stream fails that stream only
+                logger.exception("planning a window failed")
+                self._fail(entry, err)
+                continue
+            if window is not None:
+                joining.append((stream.buffered_seconds(), window.padded_length, entry, window))
+        return joining
 
     def _choose_steady(self, steady):
         """The most urgent window, then others of its padded length, then shorter ones, within
@@ -332,10 +361,9 @@ class DecodeScheduler:
         shorter = [item for item in steady if item[1] < length]
         longer = [item for item in steady if item[1] > length]
         chosen, rest = [], longer
+        count = min(self.max_batch, max(1, self.max_batch_tokens // length))
         for item in same + shorter:
-            if len(chosen) < self.max_batch and (len(chosen) + 1) * length <= max(
-                self.max_batch_tokens, length
-            ):
+            if len(chosen) < count:
                 chosen.append(item)
             else:
                 rest.append(item)

