@@ -4,6 +4,7 @@ the audio of two voices or two replicas by."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -121,3 +122,16 @@ def server_log_lines(caplog) -> list[str]:
         for record in caplog.get_records(when)
         if not record.name.startswith(CLIENT_LOGGERS)
     ]
+
+
+async def released(server: MioTTSServer) -> None:
+    """Wait (bounded, 6 s) until the server holds no session, no LLM request and no stream
+    slot; then assert it, naming what leaked."""
+    for _ in range(300):
+        idle = not server.engine.sessions and server.engine.source.open_requests == 0
+        if idle and server.admission.metrics.active_streams._value.get() == 0:
+            return
+        await asyncio.sleep(0.02)
+    assert not server.engine.sessions, "a stream's session leaked"
+    assert server.engine.source.open_requests == 0, "an LLM request leaked"
+    assert server.admission.metrics.active_streams._value.get() == 0, "a stream slot leaked"

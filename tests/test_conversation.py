@@ -18,7 +18,7 @@ import websockets
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
 from .conversations import ContextRecord, check_words_and_segments
-from .servers import running_server, tiny_codec_options
+from .servers import released, running_server, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -44,15 +44,6 @@ async def server(tmp_path_factory):
     )
     async with running_server(options) as srv:
         yield srv
-
-
-async def released(server) -> None:
-    for _ in range(200):
-        if not server.engine.sessions and server.engine.source.open_requests == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert not server.engine.sessions, "a context's session leaked"
-    assert server.engine.source.open_requests == 0, "a context's LLM request leaked"
 
 
 # ---- the WebSocket ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from miotts_stream.bench.hostile import flac_bomb, wav_header
 from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 
 from .audio_files import encode, voice_like
-from .servers import running_server, server_log_lines, tiny_codec_options
+from .servers import released, running_server, server_log_lines, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -74,16 +74,6 @@ def keys_never_logged(caplog):
 
 def url(server, path: str) -> str:
     return f"http://127.0.0.1:{server.http_port}{path}"
-
-
-async def released(server) -> None:
-    for _ in range(300):
-        idle = not server.engine.sessions and server.engine.source.open_requests == 0
-        if idle and server.admission.metrics.active_streams._value.get() == 0:
-            return
-        await asyncio.sleep(0.02)
-    assert not server.engine.sessions, "a stream slot leaked"
-    assert server.engine.source.open_requests == 0, "an LLM request leaked"
 
 
 async def serves_normally(server) -> None:

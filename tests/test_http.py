@@ -27,7 +27,7 @@ from miotts_stream.service.pb.miotts.v1 import tts_pb2, tts_pb2_grpc
 from miotts_stream.voices.aliases import OPENAI_VOICE_ALIASES
 
 from .audio_files import encode, voice_like
-from .servers import running_server, server_log_lines, speak_config, tiny_codec_options
+from .servers import released, running_server, server_log_lines, speak_config, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -85,16 +85,6 @@ def keys_never_logged(caplog):
     yield
     for line in server_log_lines(caplog):
         assert KEY not in line and WRONG_KEY not in line, line
-
-
-async def released(server) -> None:
-    """Wait (bounded) until the server holds no session and no stand-in request."""
-    for _ in range(200):
-        if not server.engine.sessions and server.engine.source.open_requests == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert not server.engine.sessions
-    assert server.engine.source.open_requests == 0
 
 
 # ---- OpenAI's speech API, through OpenAI's own client ------------------------------------------

@@ -18,7 +18,7 @@ from miotts_stream.integrations.livekit import TTS
 from miotts_stream.service.engine import ErrorCode, SessionError
 from miotts_stream.text.words import split_words
 
-from .servers import running_server, server_log_lines, tiny_codec_options
+from .servers import released, running_server, server_log_lines, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,14 +41,6 @@ async def server(tmp_path_factory):
 
 def base_url(server) -> str:
     return f"http://127.0.0.1:{server.http_port}"
-
-
-async def released(server) -> None:
-    for _ in range(200):
-        if not server.engine.sessions and server.engine.source.open_requests == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert not server.engine.sessions and server.engine.source.open_requests == 0
 
 
 async def push_words(stream, text: str, gap_s: float = 0.04, end: bool = True) -> None:

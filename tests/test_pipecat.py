@@ -4,7 +4,6 @@ server: the in-process stand-in LLM and the tiny codec checkpoint, on loopback."
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -17,7 +16,7 @@ from miotts_stream.bench.pipecat_pipeline import ServicePipeline
 from miotts_stream.integrations.pipecat import MioTTSService
 from miotts_stream.text.words import split_words
 
-from .servers import running_server, server_log_lines, tiny_codec_options
+from .servers import released, running_server, server_log_lines, tiny_codec_options
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,14 +39,6 @@ async def server(tmp_path_factory):
 
 def base_url(server) -> str:
     return f"http://127.0.0.1:{server.http_port}"
-
-
-async def released(server) -> None:
-    for _ in range(200):
-        if not server.engine.sessions and server.engine.source.open_requests == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert not server.engine.sessions and server.engine.source.open_requests == 0
 
 
 def audio_of(seen, context_id: str | None = None) -> list[TTSAudioRawFrame]:

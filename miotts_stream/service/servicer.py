@@ -254,6 +254,22 @@ async def start_call(context: grpc.aio.ServicerContext) -> str:
     return request_id
 
 
+async def _first_config(requests) -> tts_pb2.SynthesisConfig:
+    """The config that must open a bidirectional call (StreamingSynthesize, Converse)."""
+    try:
+        first = await requests.__anext__()
+    except StopAsyncIteration:
+        raise invalid("config", "the stream ended before its first message (a config)") from None
+    if isinstance(first, Undecodable):
+        raise first.error()
+    kind = first.WhichOneof("request")
+    if kind != "config":
+        raise invalid(
+            "config", f"the first message must be a config, got {kind or 'an empty message'}"
+        )
+    return first.config
+
+
 class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
     """The gRPC face of `Admission` and the engine: what is the same for every transport
     (keys, limits, configs, voices, metrics) is done there."""
@@ -329,21 +345,8 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         requests = request_iterator.__aiter__()
         try:
             key = self._authenticate(context)
-            try:
-                first = await requests.__anext__()
-            except StopAsyncIteration:
-                raise invalid(
-                    "config", "the stream ended before its first message (a config)"
-                ) from None
-            if isinstance(first, Undecodable):
-                raise first.error()
-            kind = first.WhichOneof("request")
-            if kind != "config":
-                raise invalid(
-                    "config",
-                    f"the first message must be a config, got {kind or 'an empty message'}",
-                )
-            session = await self.admission.open(first.config, key, request_id)
+            config = await _first_config(requests)
+            session = await self.admission.open(config, key, request_id)
         except SessionError as err:
             await _drain(requests)
             await self._abort(context, method, request_id, err, key)
@@ -421,23 +424,10 @@ class TextToSpeechServicer(tts_pb2_grpc.TextToSpeechServicer):
         requests = request_iterator.__aiter__()
         try:
             key = self._authenticate(context)
-            try:
-                first = await requests.__anext__()
-            except StopAsyncIteration:
-                raise invalid(
-                    "config", "the stream ended before its first message (a config)"
-                ) from None
-            if isinstance(first, Undecodable):
-                raise first.error()
-            kind = first.WhichOneof("request")
-            if kind != "config":
-                raise invalid(
-                    "config",
-                    f"the first message must be a config, got {kind or 'an empty message'}",
-                )
+            config = await _first_config(requests)
             conversation = await Conversation.start(
                 self.admission,
-                first.config,
+                config,
                 GrpcConversationSink(context),
                 method=method,
                 key=key,

@@ -42,17 +42,16 @@ from miotts_stream.service.engine import (
     WordsOut,
 )
 
-from .errors import HTTP_ERRORS, CloseCode, error_response
-from .request_ids import request_id_of
+from .errors import HTTP_ERRORS, CloseCode
 from .websocket import (
+    AcceptedSocket,
     ClientGone,
+    accept_socket,
     audio_header,
-    authorization_of,
     parse_config,
     parse_message,
     segment_message,
     summary_message,
-    without_key_protocols,
     words_message,
 )
 
@@ -270,18 +269,15 @@ class ConversationSocket:
 async def handle_conversation(
     request: web.Request, admission: Admission, *, heartbeat_s: float, max_message_bytes: int
 ) -> web.StreamResponse:
-    request_id = request_id_of(request)
-    try:
-        key = admission.authenticate(authorization_of(request))
-    except SessionError as err:  # refused before the upgrade, as an HTTP error
-        admission.record(METHOD, err.code, None, request_id, f": {err}")
-        return error_response(err)
-    ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
-        heartbeat=heartbeat_s or None,
-        max_msg_size=max_message_bytes,
-        compress=False,  # audio does not compress; deflate would only cost CPU
+    accepted = await accept_socket(
+        request,
+        admission,
+        method=METHOD,
+        subprotocol=SUBPROTOCOL,
+        heartbeat_s=heartbeat_s,
+        max_message_bytes=max_message_bytes,
     )
-    await ws.prepare(without_key_protocols(request))
-    await ConversationSocket(ws, admission, key, request_id).run()
-    return ws
+    if not isinstance(accepted, AcceptedSocket):
+        return accepted
+    await ConversationSocket(accepted.ws, admission, accepted.key, accepted.request_id).run()
+    return accepted.ws

@@ -16,7 +16,7 @@ import enum
 import json
 import logging
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, hdrs, web
@@ -317,21 +317,55 @@ class StreamConnection:
                     break
 
 
-async def handle_stream(
-    request: web.Request, admission: Admission, *, heartbeat_s: float, max_message_bytes: int
-) -> web.StreamResponse:
+@dataclass(frozen=True)
+class AcceptedSocket:
+    """A WebSocket past its key check and handshake: the socket, the caller's key, the id."""
+
+    ws: web.WebSocketResponse
+    key: ApiKey | None
+    request_id: str
+
+
+async def accept_socket(
+    request: web.Request,
+    admission: Admission,
+    *,
+    method: str,
+    subprotocol: str,
+    heartbeat_s: float,
+    max_message_bytes: int,
+) -> AcceptedSocket | web.Response:
+    """The key checked, then the handshake; a refused key is answered as an HTTP error, before
+    the upgrade (the response to return)."""
     request_id = request_id_of(request)
     try:
         key = admission.authenticate(authorization_of(request))
-    except SessionError as err:  # refused before the upgrade, as an HTTP error
-        admission.record(METHOD, err.code, None, request_id, f": {err}")
+    except SessionError as err:
+        admission.record(method, err.code, None, request_id, f": {err}")
         return error_response(err)
     ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
+        protocols=(subprotocol,),
         heartbeat=heartbeat_s or None,
         max_msg_size=max_message_bytes,
         compress=False,  # audio does not compress; deflate would only cost CPU
     )
     await ws.prepare(without_key_protocols(request))
-    await StreamConnection(ws, admission, key, request_id).run(admission.engine.limits.idle_s)
-    return ws
+    return AcceptedSocket(ws, key, request_id)
+
+
+async def handle_stream(
+    request: web.Request, admission: Admission, *, heartbeat_s: float, max_message_bytes: int
+) -> web.StreamResponse:
+    accepted = await accept_socket(
+        request,
+        admission,
+        method=METHOD,
+        subprotocol=SUBPROTOCOL,
+        heartbeat_s=heartbeat_s,
+        max_message_bytes=max_message_bytes,
+    )
+    if not isinstance(accepted, AcceptedSocket):
+        return accepted
+    connection = StreamConnection(accepted.ws, admission, accepted.key, accepted.request_id)
+    await connection.run(admission.engine.limits.idle_s)
+    return accepted.ws
