@@ -209,6 +209,8 @@ CASES = [
      "streaming.left_context_tokens"),
     ("first-251", [req(config=config(streaming={"first_chunk_tokens": 251}))], INVALID,
      "streaming.first_chunk_tokens"),
+    ("first-audio-7", [req(config=config(streaming={"first_audio": 7}))], INVALID,
+     "streaming.first_audio: unknown value 7"),
     ("language-fr", [req(config=config(language="fr"))], INVALID, "language: 'fr'"),
     ("language-control", [req(config=config(language="\x00\x1b[2J"))], INVALID, "language:"),
     # hostile text

@@ -55,6 +55,12 @@ PROTO_ENCODINGS = {
 # Upper bound of each window field: windows of all streams share one padded forward, so one
 # client's huge windows would slow every other stream down.
 MAX_WINDOW_FIELD_TOKENS = 250
+# How long a segment's first window may wait for tokens while the LLM is fast, per choice.
+FIRST_AUDIO_WAIT_MS = {
+    tts_pb2.FIRST_AUDIO_UNSPECIFIED: StreamingOptions.first_wait_ms,
+    tts_pb2.FIRST_AUDIO_BALANCED: StreamingOptions.first_wait_ms,
+    tts_pb2.FIRST_AUDIO_EARLIEST: 0.0,
+}
 
 
 # How long a failed session's handler may stay blocked on one event before it is stopped.
@@ -238,6 +244,14 @@ class Admission:
             fields[name] = value or getattr(base, name)
         if fields["lookahead_tokens"] < base.first_lookahead_tokens:
             fields["first_lookahead_tokens"] = fields["lookahead_tokens"]
+        first_audio = config.streaming.first_audio
+        if first_audio not in FIRST_AUDIO_WAIT_MS:
+            raise invalid(
+                "streaming.first_audio",
+                f"unknown value {first_audio}; one of "
+                + ", ".join(tts_pb2.FirstAudio.Name(v) for v in sorted(FIRST_AUDIO_WAIT_MS)),
+            )
+        fields["first_wait_ms"] = FIRST_AUDIO_WAIT_MS[first_audio]
         try:
             streaming = StreamingOptions(**fields).validated()
         except ValueError as err:  # a combination of the fields: the group is named

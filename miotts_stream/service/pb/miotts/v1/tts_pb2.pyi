@@ -20,6 +20,12 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MULAW: _ClassVar[Encoding]
     ALAW: _ClassVar[Encoding]
 
+class FirstAudio(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FIRST_AUDIO_UNSPECIFIED: _ClassVar[FirstAudio]
+    FIRST_AUDIO_BALANCED: _ClassVar[FirstAudio]
+    FIRST_AUDIO_EARLIEST: _ClassVar[FirstAudio]
+
 class VoiceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VOICE_KIND_UNSPECIFIED: _ClassVar[VoiceKind]
@@ -33,6 +39,9 @@ OPUS: Encoding
 OGG_OPUS: Encoding
 MULAW: Encoding
 ALAW: Encoding
+FIRST_AUDIO_UNSPECIFIED: FirstAudio
+FIRST_AUDIO_BALANCED: FirstAudio
+FIRST_AUDIO_EARLIEST: FirstAudio
 VOICE_KIND_UNSPECIFIED: VoiceKind
 VOICE_KIND_PRESET: VoiceKind
 VOICE_KIND_STORED: VoiceKind
@@ -131,16 +140,18 @@ class GenerationOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class StreamingOptions(_message.Message):
-    __slots__ = ("first_chunk_tokens", "chunk_tokens", "lookahead_tokens", "left_context_tokens")
+    __slots__ = ("first_chunk_tokens", "chunk_tokens", "lookahead_tokens", "left_context_tokens", "first_audio")
     FIRST_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEFT_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_AUDIO_FIELD_NUMBER: _ClassVar[int]
     first_chunk_tokens: int
     chunk_tokens: int
     lookahead_tokens: int
     left_context_tokens: int
-    def __init__(self, first_chunk_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., lookahead_tokens: _Optional[int] = ..., left_context_tokens: _Optional[int] = ...) -> None: ...
+    first_audio: FirstAudio
+    def __init__(self, first_chunk_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., lookahead_tokens: _Optional[int] = ..., left_context_tokens: _Optional[int] = ..., first_audio: _Optional[_Union[FirstAudio, str]] = ...) -> None: ...
 
 class StreamingSynthesizeResponse(_message.Message):
     __slots__ = ("audio", "segment", "summary", "words")
