@@ -187,12 +187,17 @@ HEADERS = [
 ]
 
 
-async def run_level(address: str, probe: ServerProbe, streams: int, args) -> LevelReport:
+async def run_level(
+    address: str, probe: ServerProbe, streams: int, args, first_audio: str = "balanced"
+) -> LevelReport:
     config = tts_pb2.SynthesisConfig(
         audio=tts_pb2.AudioFormat(
             encoding=tts_pb2.Encoding.Value(args.encoding), sample_rate_hz=args.sample_rate
         ),
         generation=tts_pb2.GenerationOptions(max_tokens=int(25 * args.seconds / 2)),
+        streaming=tts_pb2.StreamingOptions(
+            first_audio=tts_pb2.FirstAudio.Value(f"FIRST_AUDIO_{first_audio.upper()}")
+        ),
     )
     before = probe.snapshot()
     async with grpc.aio.insecure_channel(address) as channel:
@@ -271,7 +276,7 @@ async def find_max(address: str, probe: ServerProbe, args, buffer_s: float, limi
     rows, good, bad = [], 0, None
     streams = max(1, args.find_max_start)
     while True:
-        report = await run_level(address, probe, streams, args)
+        report = await run_level(address, probe, streams, args, args.first_audio[0])
         rows.append(report.row(buffer_s))
         passed = report.underruns(buffer_s) == 0 and len(report.ok) == streams
         if passed:
@@ -317,16 +322,20 @@ async def run_levels(args, root: Path) -> list[list]:
     buffer_s = args.buffer_ms / 1000
     headers = [h.format(buffer=f"{args.buffer_ms:g}") for h in HEADERS]
     label = "this checkout" if root == ROOT else f"baseline {root.name}"
-    rows = []
+    rows, labels = [], []
     try:
         await wait_serving(address, timeout=args.startup_timeout)
         warm = argparse.Namespace(**{**vars(args), "seconds": 2.0})
         await run_level(address, probe, 2, warm)
         if levels:
             for streams in levels:
-                report = await run_level(address, probe, streams, args)
-                rows.append(report.row(buffer_s))
-                print(table(headers, rows[-1:]), flush=True)
+                for first_audio in args.first_audio:
+                    report = await run_level(address, probe, streams, args, first_audio)
+                    rows.append(report.row(buffer_s))
+                    labels.append(
+                        label if len(args.first_audio) == 1 else f"{label}, {first_audio}"
+                    )
+                    print(table(headers, rows[-1:]), flush=True)
             print(f"\n{label}: {title(args)}\n{table(headers, rows)}", flush=True)
         if args.find_max:
             search, best = await find_max(address, probe, args, buffer_s, limit)
@@ -335,7 +344,7 @@ async def run_levels(args, root: Path) -> list[list]:
     finally:
         for process in reversed(processes):
             stop_process(process)
-    return [[label, *row] for row in rows]
+    return [[row_label, *row] for row_label, row in zip(labels, rows, strict=True)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-rate", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--buffer-ms", type=float, default=150.0)
+    parser.add_argument(
+        "--first-audio",
+        nargs="+",
+        choices=("balanced", "earliest"),
+        default=["balanced"],
+        help="streaming.first_audio of the streams; several: each level once with each, in "
+        "one run (default balanced)",
+    )
     parser.add_argument("--find-max", action="store_true")
     parser.add_argument("--find-max-start", type=int, default=4)
     parser.add_argument("--find-max-limit", type=int, default=512)
