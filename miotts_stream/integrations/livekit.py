@@ -34,8 +34,9 @@ from livekit.agents import (
 )
 from livekit.agents.types import TimedString
 
+from miotts_stream.conversation_protocol import SUBPROTOCOL, ClientMessage, ServerMessage
+
 from . import protocol
-from .protocol import Receive, Send
 
 # The server's error codes (gRPC names) as HTTP statuses, so that LiveKit's retry rule (no
 # retry on a 4xx but 408, 429, 499) reads them right.
@@ -109,10 +110,10 @@ class _Conversation:
                     break
                 event = json.loads(message.data)
                 context_id = event.get("context_id")
-                if event.get("type") == Receive.AUDIO:
+                if event.get("type") == ServerMessage.AUDIO:
                     header = event
                 elif context_id is None:
-                    if event.get("type") == Receive.ERROR:  # the conversation ends with it
+                    if event.get("type") == ServerMessage.ERROR:  # the conversation ends with it
                         error = _status_error(protocol.ServerError(event))
                 elif context_id in self.contexts:
                     self.contexts[context_id].put_nowait(event)
@@ -221,7 +222,7 @@ class TTS(tts.TTS):
                     self._session.ws_connect(
                         self._url,
                         headers=protocol.auth_headers(self._api_key),
-                        protocols=(protocol.SUBPROTOCOL,),
+                        protocols=(SUBPROTOCOL,),
                         max_msg_size=0,
                     ),
                     timeout,
@@ -240,9 +241,9 @@ class TTS(tts.TTS):
             except aiohttp.ClientError as e:
                 raise APIConnectionError(f"MioTTS at {self._url} cannot be reached: {e}") from None
             event = json.loads(first.data) if first.type == aiohttp.WSMsgType.TEXT else {}
-            if event.get("type") != Receive.READY:
+            if event.get("type") != ServerMessage.READY:
                 await ws.close()
-                if event.get("type") == Receive.ERROR:  # the config: an unknown voice, ...
+                if event.get("type") == ServerMessage.ERROR:  # the config: an unknown voice, ...
                     raise _status_error(protocol.ServerError(event))
                 raise APIConnectionError(f"MioTTS at {self._url}: no ready message")
             self._conversation = _Conversation(ws)
@@ -278,15 +279,17 @@ class SynthesizeStream(tts.SynthesizeStream):
             async for data in self._input_ch:
                 if isinstance(data, self._FlushSentinel):
                     if opened:
-                        await conversation.send(protocol.context_message(Send.FLUSH, context_id))
+                        await conversation.send(
+                            protocol.context_message(ClientMessage.FLUSH, context_id)
+                        )
                     continue
                 self._mark_started()
                 await conversation.send(protocol.text_message(context_id, data, voice))
                 opened, voice = True, None
             if opened:
-                await conversation.send(protocol.context_message(Send.END, context_id))
+                await conversation.send(protocol.context_message(ClientMessage.END, context_id))
             else:  # no text at all: there is no context to end
-                events.put_nowait({"type": Receive.DONE})
+                events.put_nowait({"type": ServerMessage.DONE})
 
         sender = asyncio.create_task(send_input(), name="miotts-input")
         try:
@@ -302,7 +305,7 @@ class SynthesizeStream(tts.SynthesizeStream):
                     output_emitter.push(event[1])
                     continue
                 kind = event.get("type")
-                if kind == Receive.WORDS:
+                if kind == ServerMessage.WORDS:
                     for word in event["words"]:
                         output_emitter.push_timed_transcript(
                             TimedString(
@@ -311,14 +314,14 @@ class SynthesizeStream(tts.SynthesizeStream):
                                 end_time=word["end_sample"] / self._tts.sample_rate,
                             )
                         )
-                elif kind == Receive.DONE:
+                elif kind == ServerMessage.DONE:
                     over = True
                     output_emitter.end_input()
                     break
-                elif kind == Receive.ERROR:
+                elif kind == ServerMessage.ERROR:
                     over = True
                     raise _status_error(protocol.ServerError(event), context_id)
-                elif kind == Receive.CANCELLED:
+                elif kind == ServerMessage.CANCELLED:
                     over = True
                     break
             await sender
@@ -330,4 +333,6 @@ class SynthesizeStream(tts.SynthesizeStream):
             if opened and not over and conversation.closed is None:
                 # aclose(), or a failure on our side: the server stops the context's work.
                 with contextlib.suppress(Exception):
-                    await conversation.send(protocol.context_message(Send.CANCEL, context_id))
+                    await conversation.send(
+                        protocol.context_message(ClientMessage.CANCEL, context_id)
+                    )

@@ -33,8 +33,9 @@ from pipecat.transcriptions.language import Language
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
+from miotts_stream.conversation_protocol import SUBPROTOCOL, ClientMessage, ServerMessage
+
 from . import protocol
-from .protocol import Receive, Send
 
 # Conversation-level errors that another connection would only repeat: the configuration or
 # the key is wrong. Others (the server draining, an idle conversation closed) are worth a
@@ -128,7 +129,7 @@ class MioTTSService(WebsocketTTSService):
             self._websocket = await self._websocket_connect(
                 self._url,
                 additional_headers=protocol.auth_headers(self._api_key),
-                subprotocols=[protocol.SUBPROTOCOL],
+                subprotocols=[SUBPROTOCOL],
                 max_size=None,
             )
             voice = str(self._settings.voice)
@@ -199,7 +200,9 @@ class MioTTSService(WebsocketTTSService):
             await self._websocket.send(protocol.text_message(context_id, text, voice))
             self._opened.add(context_id)
             if not self._is_streaming_tokens:  # a whole sentence: speak it now
-                await self._websocket.send(protocol.context_message(Send.FLUSH, context_id))
+                await self._websocket.send(
+                    protocol.context_message(ClientMessage.FLUSH, context_id)
+                )
             await self.start_tts_usage_metrics(text)
         except Exception as e:
             yield ErrorFrame(error=f"MioTTS: sending text failed: {e}")
@@ -211,7 +214,7 @@ class MioTTSService(WebsocketTTSService):
         """The turn's text is complete: the context's audio finishes, then its `done`."""
         context_id = context_id or self.get_active_audio_context_id()
         if context_id in self._opened and self._websocket:
-            await self._websocket.send(protocol.context_message(Send.END, context_id))
+            await self._websocket.send(protocol.context_message(ClientMessage.END, context_id))
 
     async def on_audio_context_interrupted(self, context_id: str):
         """Barge-in: cancel the context on the server (its audio stops, the connection
@@ -219,7 +222,9 @@ class MioTTSService(WebsocketTTSService):
         await self.stop_all_metrics()
         if context_id in self._opened and self._websocket:
             try:
-                await self._websocket.send(protocol.context_message(Send.CANCEL, context_id))
+                await self._websocket.send(
+                    protocol.context_message(ClientMessage.CANCEL, context_id)
+                )
             except Exception as e:
                 logger.warning(f"{self}: cancel of {context_id} not sent: {e}")
         await super().on_audio_context_interrupted(context_id)
@@ -242,20 +247,22 @@ class MioTTSService(WebsocketTTSService):
     async def _message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         context_id = message.get("context_id")
-        if kind == Receive.AUDIO:
+        if kind == ServerMessage.AUDIO:
             self._audio_header = message
-        elif kind == Receive.WORDS and context_id and self.audio_context_available(context_id):
+        elif (
+            kind == ServerMessage.WORDS and context_id and self.audio_context_available(context_id)
+        ):
             rate = self.sample_rate
             words = [(w["word"], w["start_sample"] / rate) for w in message["words"]]
             japanese = _language(self._settings.language) == "ja"
             await self.add_word_timestamps(
                 words, context_id, includes_inter_frame_spaces=True if japanese else None
             )
-        elif kind == Receive.DONE and context_id and self.audio_context_available(context_id):
+        elif kind == ServerMessage.DONE and context_id and self.audio_context_available(context_id):
             await self.stop_ttfb_metrics()
             await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
             await self.remove_audio_context(context_id)
-        elif kind == Receive.ERROR:
+        elif kind == ServerMessage.ERROR:
             await self._server_error(protocol.ServerError(message))
 
     async def _server_error(self, error: protocol.ServerError) -> None:

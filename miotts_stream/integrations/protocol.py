@@ -1,41 +1,15 @@
 """The conversation WebSocket as its clients speak it (docs/http.md, `/v1/conversation`):
-the URL, the messages a client sends, and the server's errors as exceptions. Shared by the
-framework plugins; it imports no framework."""
+the URL, the messages a client sends, and the server's errors as exceptions. The path, the
+version and the message types are `miotts_stream.conversation_protocol`'s, which the server
+reads too. Shared by the framework plugins; it imports no framework."""
 
 from __future__ import annotations
 
-import enum
 import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-PROTOCOL_VERSION = 1
-SUBPROTOCOL = "miotts.conversation.v1"
-PATH = "/v1/conversation"
-
-
-class Send(enum.StrEnum):
-    """The messages a client sends."""
-
-    CONFIG = "config"
-    TEXT = "text"
-    FLUSH = "flush"
-    END = "end"
-    CANCEL = "cancel"
-    CLOSE = "close"
-
-
-class Receive(enum.StrEnum):
-    """The messages a client receives (an `audio` header is followed by one binary frame)."""
-
-    READY = "ready"
-    AUDIO = "audio"
-    SEGMENT = "segment"
-    WORDS = "words"
-    FLUSHED = "flushed"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    ERROR = "error"
+from miotts_stream.conversation_protocol import PATH, PROTOCOL_VERSION, ClientMessage
 
 
 def conversation_url(base_url: str) -> str:
@@ -66,7 +40,7 @@ def config_message(
     """The conversation's config: PCM 16-bit at `sample_rate`, word timings on; `voice` a
     preset, an alias or a stored voice (the server resolves the name)."""
     message: dict[str, Any] = {
-        "type": Send.CONFIG,
+        "type": ClientMessage.CONFIG,
         "version": PROTOCOL_VERSION,
         "voice": {"voice_id": voice},
         "audio": {"encoding": "PCM_S16LE", "sample_rate_hz": sample_rate},
@@ -81,18 +55,18 @@ def config_message(
 
 def text_message(context_id: str, text: str, voice: str | None = None) -> str:
     """Text for a context; `voice`, with a context's first text, speaks it in another voice."""
-    message: dict[str, Any] = {"type": Send.TEXT, "context_id": context_id, "text": text}
+    message: dict[str, Any] = {"type": ClientMessage.TEXT, "context_id": context_id, "text": text}
     if voice is not None:
         message["config"] = {"voice": {"voice_id": voice}}
     return encode(message)
 
 
-def context_message(kind: Send, context_id: str, **fields: Any) -> str:
+def context_message(kind: ClientMessage, context_id: str, **fields: Any) -> str:
     """`flush`, `end` or `cancel` for a context."""
     return encode({"type": kind, "context_id": context_id, **fields})
 
 
-CLOSE = encode({"type": Send.CLOSE})
+CLOSE = encode({"type": ClientMessage.CLOSE})
 
 
 class ServerError(Exception):

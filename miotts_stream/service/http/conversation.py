@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 from typing import Any
 
 from aiohttp import web
 
 from miotts_stream.audio.encoders import output_rate
+from miotts_stream.conversation_protocol import (
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    ClientMessage,
+    ServerMessage,
+)
 from miotts_stream.service.access import ApiKey
 from miotts_stream.service.admission import Admission, invalid
 from miotts_stream.service.conversation import (
@@ -56,29 +61,6 @@ from .websocket import (
 )
 
 METHOD = "WS /v1/conversation"
-PROTOCOL_VERSION = 1
-SUBPROTOCOL = f"miotts.conversation.v{PROTOCOL_VERSION}"
-
-
-class ConversationMessage(enum.Enum):
-    """What a client sends."""
-
-    CONFIG = "config"
-    TEXT = "text"
-    FLUSH = "flush"
-    END = "end"
-    CANCEL = "cancel"
-    CLOSE = "close"
-
-
-class ConversationEventType(enum.Enum):
-    """What the server sends beside /v1/stream's audio, segment and words messages."""
-
-    READY = "ready"
-    FLUSHED = "flushed"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    ERROR = "error"
 
 
 def _context_id(fields: dict[str, Any]) -> str:
@@ -133,19 +115,19 @@ class ConversationSocket:
         elif isinstance(event, WordsOut):
             await self._send(words_message(event) | tag)
         elif isinstance(event, Summary):
-            await self._send(summary_message(event, ConversationEventType.DONE.value) | tag)
+            await self._send(summary_message(event, ServerMessage.DONE.value) | tag)
         elif isinstance(event, ContextFlushed):
-            flushed = ConversationEventType.FLUSHED.value
+            flushed = ServerMessage.FLUSHED.value
             await self._send({"type": flushed, **tag, "id": event.flush_id})
         elif isinstance(event, ContextCancelled):
-            await self._send({"type": ConversationEventType.CANCELLED.value, **tag})
+            await self._send({"type": ServerMessage.CANCELLED.value, **tag})
         elif isinstance(event, ContextFailed):
             await self._send(self._error(event.error) | tag)
 
     @staticmethod
     def _error(err: SessionError) -> dict[str, Any]:
         error = {
-            "type": ConversationEventType.ERROR.value,
+            "type": ServerMessage.ERROR.value,
             "code": err.code.value,
             "message": str(err),
         }
@@ -177,8 +159,8 @@ class ConversationSocket:
                     f"config: none received within {engine.limits.idle_s:g} s (--idle-timeout-s)",
                     "config",
                 ) from None
-            kind, fields = parse_message(first, ConversationMessage)
-            if kind is not ConversationMessage.CONFIG:
+            kind, fields = parse_message(first, ClientMessage)
+            if kind is not ClientMessage.CONFIG:
                 raise invalid("config", f"the first message must be a config, got {kind.value}")
             version = fields.pop("version", PROTOCOL_VERSION)
             if version != PROTOCOL_VERSION:
@@ -199,7 +181,7 @@ class ConversationSocket:
             )
             await self._send(
                 {
-                    "type": ConversationEventType.READY.value,
+                    "type": ServerMessage.READY.value,
                     "version": PROTOCOL_VERSION,
                     "conversation_id": self.request_id,
                     "encoding": settings.encoding.value,
@@ -234,17 +216,17 @@ class ConversationSocket:
         SessionError for a message that ends the conversation (not one context)."""
         while True:
             try:
-                kind, fields = parse_message(await self.ws.receive(), ConversationMessage)
+                kind, fields = parse_message(await self.ws.receive(), ClientMessage)
             except ClientGone:
                 return
-            if kind is ConversationMessage.CONFIG:
+            if kind is ClientMessage.CONFIG:
                 raise invalid("config", "sent twice; only the first message may be a config")
-            if kind is ConversationMessage.CLOSE:
+            if kind is ClientMessage.CLOSE:
                 _known_fields(fields)
                 conversation.close()
                 continue
             context_id = _context_id(fields)
-            if kind is ConversationMessage.TEXT:
+            if kind is ClientMessage.TEXT:
                 _known_fields(fields, "text", "config")
                 text = fields.get("text")
                 if not isinstance(text, str):
@@ -255,10 +237,10 @@ class ConversationSocket:
                         raise invalid("config", "must be an object")
                     override = parse_config(fields["config"])
                 await conversation.text(context_id, text, override)
-            elif kind is ConversationMessage.FLUSH:
+            elif kind is ClientMessage.FLUSH:
                 _known_fields(fields, "id")
                 await conversation.flush(context_id, fields.get("id"))
-            elif kind is ConversationMessage.END:
+            elif kind is ClientMessage.END:
                 _known_fields(fields)
                 await conversation.end(context_id)
             else:
