@@ -405,15 +405,16 @@ class SynthesisSession:
         decoded a given number of samples: audio of earlier segments plus this one's, minus what
         has played since the first chunk went out (infinite before that).
 
-        Segments are generated one after another, so when this segment decodes, the earlier
-        ones' codes are all in and their audio is known to the sample (a code is
-        `samples_per_token` samples); their streams send it on their own deadlines."""
+        Segments are generated one after another, so when this segment's stream opens (when
+        this is called), the earlier ones' codes are all in and their audio is known to the
+        sample (a code is `samples_per_token` samples): it is counted once, here. Their streams
+        send it on their own deadlines."""
         per_code = self.engine.decoder.samples_per_token
+        before = per_code * sum(e.codes_in for e in self._segment_list[: segment.index])
 
         def buffered_seconds(decoded_samples: int) -> float:
             if self.first_audio_at is None:
                 return float("inf")
-            before = per_code * sum(e.codes_in for e in self._segment_list[: segment.index])
             played = time.perf_counter() - self.first_audio_at
             return (before + decoded_samples) / self.codec_rate - played
 
